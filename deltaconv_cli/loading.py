@@ -1,0 +1,177 @@
+"""Where a model comes from: a local diffusers folder or a hub id, and loading converted models.
+
+Only safetensors weights are read: a component stored as pickles only is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, ModelMixin
+
+from .architectures import SUPPORTED_TEXT, denoiser_class, meta_denoiser
+from .errors import DeltaConvError
+from .surgery import DeltaConvAdapter
+
+ADAPTER_DIR = "deltaconv"
+DENOISER_COMPONENTS = ("unet", "transformer")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A local diffusers folder: a whole pipeline (``model_index.json``) or a bare denoiser."""
+
+    path: Path
+    is_pipeline: bool
+    denoiser_subfolder: str | None  # "unet" / "transformer" in a pipeline; None for a bare denoiser
+    denoiser_class: str
+    denoiser_config: dict[str, Any]
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.path / ADAPTER_DIR
+
+    @property
+    def is_converted(self) -> bool:
+        return (self.adapter_path / "config.json").is_file()
+
+    def meta_denoiser(self) -> ModelMixin:
+        return meta_denoiser(self.denoiser_class, self.denoiser_config)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DeltaConvError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise DeltaConvError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _looks_like_path(source: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else is meant as a local path.
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        return Path(DiffusionPipeline.download(repo_id, use_safetensors=True))
+    except Exception as err:  # the hub client raises many types (offline, 404, auth, timeouts)
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise DeltaConvError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub ({reason}); "
+            "pass the path of a local diffusers folder instead"
+        ) from None
+
+
+def locate_model(source: str | Path) -> ModelFolder:
+    """The local folder of ``source`` (a path, or a hub id downloaded into the hub cache)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        if _looks_like_path(str(source)):
+            raise DeltaConvError(f"no such folder: {source}")
+        path = _download(str(source))
+    if not path.is_dir():
+        raise DeltaConvError(f"{source} is not a folder; expected a diffusers pipeline or model folder")
+    if (path / "model_index.json").is_file():
+        index = _read_json(path / "model_index.json")
+        subfolder = next((c for c in DENOISER_COMPONENTS if c in index), None)
+        if subfolder is None:
+            raise DeltaConvError(
+                f"{index.get('_class_name', 'this pipeline')} at {path} has no unet or transformer; "
+                f"supported: {SUPPORTED_TEXT}"
+            )
+        config = _read_json(path / subfolder / "config.json")
+        folder = ModelFolder(path, True, subfolder, str(index[subfolder][-1]), config)
+    elif (path / "config.json").is_file():
+        config = _read_json(path / "config.json")
+        folder = ModelFolder(path, False, None, str(config.get("_class_name")), config)
+    else:
+        raise DeltaConvError(
+            f"{path} is not a diffusers folder: it has neither model_index.json (pipeline) "
+            "nor config.json (model)"
+        )
+    denoiser_class(folder.denoiser_class)  # refuses unsupported classes with the list of supported ones
+    check_safetensors_only(path)
+    return folder
+
+
+def weight_components(folder: Path) -> list[Path]:
+    """Folders (the root and its direct subfolders) that hold weight files."""
+    candidates = [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]
+    return [
+        d
+        for d in candidates
+        if any(f.suffix == ".safetensors" or f.suffix in PICKLE_SUFFIXES for f in d.iterdir() if f.is_file())
+    ]
+
+
+def check_safetensors_only(folder: Path) -> None:
+    """Refuse a folder where some component has pickle weights and no safetensors."""
+    for component in weight_components(folder):
+        files = [f for f in component.iterdir() if f.is_file()]
+        if not any(f.suffix == ".safetensors" for f in files):
+            pickle = next(f.name for f in files if f.suffix in PICKLE_SUFFIXES)
+            raise DeltaConvError(
+                f"{component} has only pickle weights ({pickle}); deltaconv reads safetensors only: "
+                "re-save it with save_pretrained(..., safe_serialization=True) where you trust the file"
+            )
+
+
+def load_model(folder: ModelFolder, *, torch_dtype: torch.dtype | None = None) -> Any:
+    """The pipeline (or bare denoiser) in ``folder``, as diffusers loads it, from safetensors only."""
+    try:
+        if folder.is_pipeline:
+            return DiffusionPipeline.from_pretrained(
+                folder.path, torch_dtype=torch_dtype, use_safetensors=True
+            )
+        cls = denoiser_class(folder.denoiser_class)
+        return cls.from_pretrained(folder.path, torch_dtype=torch_dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise DeltaConvError(f"cannot load the model in {folder.path}: {str(err).splitlines()[0]}") from None
+
+
+def load_adapter(path: str | Path) -> DeltaConvAdapter:
+    """A saved adapter (``config.json`` + safetensors), with a clear error when it is damaged."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise DeltaConvError(f"no deltaconv adapter in {path} (config.json missing)")
+    try:
+        return DeltaConvAdapter.from_pretrained(path, use_safetensors=True)
+    except Exception as err:  # safetensors and diffusers raise several types for damaged files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DeltaConvError(f"adapter in {path} is corrupt or incomplete: {first}") from None
+
+
+def load_converted(
+    source: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Any:
+    """Load a converted model in one call: the pipeline (or denoiser) with its ΔConv blocks mounted.
+
+    ``source`` is a folder written by ``deltaconv convert`` (its adapter is in ``source/deltaconv``), or
+    any supported model together with ``adapter``, the folder of a saved adapter. The adapter can be
+    found again with :func:`deltaconv_cli.mounted_adapter` (to unmount it, or to bypass it).
+    """
+    folder = locate_model(source)
+    adapter_path = Path(adapter) if adapter is not None else folder.adapter_path
+    if adapter is None and not folder.is_converted:
+        raise DeltaConvError(
+            f"{source} has no ΔConv adapter ({ADAPTER_DIR}/ missing): run `deltaconv convert` on it "
+            "or pass an adapter folder"
+        )
+    blocks = load_adapter(adapter_path)
+    model = load_model(folder, torch_dtype=torch_dtype)
+    if device is not None:
+        model = model.to(device)
+    blocks.mount(model)
+    return model

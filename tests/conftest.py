@@ -1,0 +1,24 @@
+"""Shared fixtures. Nothing here may reach the network: the hub is switched off for the whole run."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from tiny_models import LAYOUTS, tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def saved_pipelines(tmp_path_factory):
+    """Each tiny pipeline layout saved with save_pretrained, as a user's checkpoint folder would be."""
+    root = tmp_path_factory.mktemp("pipelines")
+    folders = {}
+    for layout in LAYOUTS:
+        pipe = tiny_pipeline(layout, root / f"{layout}-scratch")
+        pipe.save_pretrained(root / layout)
+        folders[layout] = root / layout
+    return folders
