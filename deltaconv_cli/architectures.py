@@ -130,11 +130,20 @@ def family_of(denoiser: ModelMixin) -> str:
     return "sd"
 
 
-def meta_denoiser(class_name: str, config: dict[str, Any]) -> ModelMixin:
+def meta_denoiser(class_name: str, config: dict[str, Any], dtype: torch.dtype | None = None) -> ModelMixin:
     """The architecture of a denoiser with no weights allocated (meta device), from its config."""
     cls = denoiser_class(class_name)
     with init_empty_weights(include_buffers=True):
-        return cls.from_config(config)
+        model = cls.from_config(config)
+    # nn.Module.to: diffusers' ModelMixin.to warns about fp32 modules on every dtype cast.
+    return torch.nn.Module.to(model, dtype) if dtype is not None else model
+
+
+def latent_stride(denoiser: ModelMixin) -> int:
+    """Latent height and width must be multiples of this (UNet downsampling, or the DiT patch size)."""
+    if isinstance(denoiser, PixArtTransformer2DModel):
+        return denoiser.config.patch_size
+    return 2 ** (len(denoiser.config.block_out_channels) - 1)
 
 
 def _cross_attention_dim(denoiser: ModelMixin) -> int:

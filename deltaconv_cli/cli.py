@@ -134,6 +134,147 @@ def convert(
     )
 
 
+def _looks_like_resolution(text: str) -> bool:
+    return all(part.isdigit() for part in text.lower().replace(",", "x").split("x"))
+
+
+@app.command(context_settings={"allow_extra_args": True})
+@user_errors
+def profile(
+    ctx: typer.Context,
+    model: Annotated[
+        str,
+        typer.Argument(help="sd15, sd21, sdxl, pixart-sigma, or a diffusers folder / hub id (config only)."),
+    ] = "sd15",
+    res: Annotated[
+        list[str],
+        typer.Option("--res", help="Resolutions in pixels: N or HxW; several may follow one --res."),
+    ] = [],  # noqa: B006 - typer needs a literal default for list options
+    device: Annotated[str, typer.Option(help="Device for --measure (cpu, cuda, cuda:1, ...).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    measure: Annotated[bool, typer.Option("--measure", help="Also time each mixer and whole steps.")] = False,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per measurement (median).")] = 5,
+    time_budget: Annotated[
+        float, typer.Option(help="Skip a measurement estimated to take longer (s).")
+    ] = 30.0,
+    json_out: JsonOption = None,
+    plot_out: Annotated[
+        Path | None, typer.Option("--plot", help="Write a log-log PNG of cost vs resolution.")
+    ] = None,
+) -> None:
+    """FLOPs, parameters, memory (and with --measure latency) of self-attention vs ΔConvBlock vs LinFusion."""
+    from . import profile as profiling
+
+    given = [*res, *ctx.args]
+    if _looks_like_resolution(model) and not Path(model).exists():  # `--res 512 1024` fills MODEL
+        given, model = [*given, model], "sd15"
+    if not all(_looks_like_resolution(r) for r in given):
+        bad = next(r for r in given if not _looks_like_resolution(r))
+        raise DeltaConvError(f"unexpected argument {bad!r}; resolutions are N or HxW in pixels")
+    resolutions = [profiling.parse_resolution(r) for text in given for r in text.split(",") if r]
+    resolutions = resolutions or [(512, 512), (1024, 1024), (2048, 2048), (4096, 4096)]
+    quiet = str(json_out) == "-"
+    with err_console.status("profiling", spinner="dots") as status:
+        report = profiling.profile(
+            model,
+            resolutions,
+            device=device,
+            dtype=dtype,
+            measure=measure,
+            repeats=repeats,
+            time_budget_s=time_budget,
+            on_progress=None if quiet else lambda message: status.update(message),
+        )
+    write_json(json_out, report.to_dict())
+    if plot_out is not None:
+        profiling.plot(report, plot_out)
+    if quiet:
+        return
+    _print_profile(report, measure)
+    if plot_out is not None:
+        console.print(f"plot: {plot_out}")
+
+
+def _print_profile(report: Any, measured: bool) -> None:
+    from .profile import MIXERS, human_bytes, human_count
+
+    title = f"{report.model} ({report.denoiser_class}): multiply-adds per image, all self-attention sites"
+    summary = Table(title=title)
+    columns = ["resolution", "top grid", "attention", "ΔConv", "LinFusion", "attn/ΔConv", "LinFusion/ΔConv"]
+    columns += ["attn share of denoiser"]
+    if measured:
+        columns += ["step ms: attention", "ΔConv", "LinFusion"]
+    for column in columns:
+        summary.add_column(column, justify="right")
+    for r in report.resolutions:
+        top = max((layer.grid for layer in r.layers), key=lambda g: g[0] * g[1])
+        row = [f"{r.height}x{r.width}", f"{top[0]}x{top[1]}"]
+        row += [human_count(r.total(m)) for m in MIXERS]
+        row += [
+            f"{r.attention_over_deltaconv:,.1f}x",
+            f"{r.linfusion_over_deltaconv:.2f}x",
+            f"{r.attention_share:.1%}",
+        ]
+        if measured:
+            row += [f"{r.step_latency_ms[m]:,.0f}" if m in r.step_latency_ms else "skipped" for m in MIXERS]
+        summary.add_row(*row)
+    console.print(summary)
+
+    for r in report.resolutions:
+        table = Table(title=f"{r.height}x{r.width}: per layer shape (n = layers of that shape)")
+        columns = [
+            "stage",
+            "grid",
+            "C",
+            "k",
+            "n",
+            "MACs attn",
+            "ΔConv",
+            "LinFusion",
+            "act. attn",
+            "ΔConv",
+            "LinFusion",
+        ]
+        if measured:
+            columns += ["ms attn", "ΔConv", "LinFusion"]
+        for column in columns:
+            table.add_column(column, justify="left" if column == "stage" else "right")
+        shapes: dict[tuple, list] = {}
+        for layer in r.layers:
+            shapes.setdefault((layer.stage, layer.grid, layer.channels, layer.kernel_size), []).append(layer)
+        for (stage, grid, channels, k), layers in shapes.items():
+            first = layers[0]
+            row = [stage, f"{grid[0]}x{grid[1]}", str(channels), str(k), str(len(layers))]
+            row += [human_count(getattr(first, m).macs) for m in MIXERS]
+            row += [human_count(getattr(first, m).params) for m in MIXERS]
+            row += [human_bytes(getattr(first, m).activation_bytes) for m in MIXERS]
+            if measured:
+                row += [
+                    f"{getattr(first, m).latency_ms:,.2f}"
+                    if getattr(first, m).latency_ms is not None
+                    else "skipped"
+                    for m in MIXERS
+                ]
+            table.add_row(*row)
+        console.print(table)
+        skipped = {
+            f"{m} {layer.grid[0]}x{layer.grid[1]}x{layer.channels}": getattr(layer, m).skipped
+            for layer in r.layers
+            for m in MIXERS
+            if getattr(layer, m).skipped
+        }
+        skipped.update({f"{m} step": why for m, why in r.step_skipped.items()})
+        for what, why in skipped.items():
+            console.print(f"  skipped {what}: {why}", highlight=False)
+    if report.paper_ratio_passed_at:
+        console.print(
+            f"attention/ΔConv passes the paper's {report.paper_ratio:,}x at "
+            f"{report.paper_ratio_passed_at:,} px square ({report.ratio_at_crossing:,.0f}x there)."
+        )
+    else:
+        console.print(f"attention/ΔConv does not reach the paper's {report.paper_ratio:,}x below 65,536 px.")
+
+
 def _not_available(name: str, issue: str) -> Callable[[], None]:
     def command() -> None:
         raise fail(f"`deltaconv {name}` is not available yet in this version ({issue}).")
@@ -145,7 +286,6 @@ def _not_available(name: str, issue: str) -> Callable[[], None]:
 for _name, _what in (
     ("distill", "teacher-student distillation"),
     ("sample", "image generation"),
-    ("profile", "FLOPs, memory and latency"),
     ("eval", "FID, CLIP score and agreement"),
     ("analyze", "attention locality analysis"),
 ):

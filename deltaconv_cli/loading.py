@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
+from huggingface_hub import snapshot_download
 
 from .architectures import SUPPORTED_TEXT, denoiser_class, meta_denoiser
 from .errors import DeltaConvError
@@ -43,6 +44,14 @@ class ModelFolder:
     def meta_denoiser(self) -> ModelMixin:
         return meta_denoiser(self.denoiser_class, self.denoiser_config)
 
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent position: from the pipeline's VAE, else 8 (every SD/SDXL/PixArt VAE)."""
+        vae_config = self.path / "vae" / "config.json"
+        if self.is_pipeline and vae_config.is_file():
+            return 2 ** (len(_read_json(vae_config).get("block_out_channels", [0] * 4)) - 1)
+        return 8
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
@@ -59,8 +68,10 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, config_only: bool) -> Path:
     try:
+        if config_only:
+            return Path(snapshot_download(repo_id, allow_patterns=["*.json"]))
         return Path(DiffusionPipeline.download(repo_id, use_safetensors=True))
     except Exception as err:  # the hub client raises many types (offline, 404, auth, timeouts)
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
@@ -70,13 +81,14 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
-def locate_model(source: str | Path) -> ModelFolder:
-    """The local folder of ``source`` (a path, or a hub id downloaded into the hub cache)."""
+def locate_model(source: str | Path, *, config_only: bool = False) -> ModelFolder:
+    """The local folder of ``source`` (a path, or a hub id downloaded into the hub cache; with
+    ``config_only`` only its JSON files are fetched)."""
     path = Path(source).expanduser()
     if not path.exists():
         if _looks_like_path(str(source)):
             raise DeltaConvError(f"no such folder: {source}")
-        path = _download(str(source))
+        path = _download(str(source), config_only)
     if not path.is_dir():
         raise DeltaConvError(f"{source} is not a folder; expected a diffusers pipeline or model folder")
     if (path / "model_index.json").is_file():
@@ -98,7 +110,8 @@ def locate_model(source: str | Path) -> ModelFolder:
             "nor config.json (model)"
         )
     denoiser_class(folder.denoiser_class)  # refuses unsupported classes with the list of supported ones
-    check_safetensors_only(path)
+    if not config_only:
+        check_safetensors_only(path)
     return folder
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from .architectures import FAMILY_KERNEL_SIZES, denoiser_inputs, denoiser_of, family_of
 from .block import DeltaConvBlock
 from .errors import DeltaConvError
+from .linfusion import LinFusionAttention
 
 GRID_SOURCES = (Transformer2DModel, PixArtTransformer2DModel)
 
@@ -39,6 +40,7 @@ class SelfAttentionSite:
     name: str  # module path of the attention, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
     stage: str  # "down_blocks.0", "mid_block", "up_blocks.3" or "transformer_blocks"
     channels: int
+    heads: int
     grid_source: str  # module path whose 4-D input carries this layer's token grid ("" = the denoiser)
     patch_size: int  # tokens are patch_size x patch_size cells of that input
 
@@ -59,7 +61,7 @@ def find_self_attention_sites(model: Any) -> list[SelfAttentionSite]:
         if not isinstance(module, BasicTransformerBlock):
             continue
         attn = module.attn1
-        if isinstance(attn, DeltaConvSelfAttention):
+        if isinstance(attn, ReplacedSelfAttention):
             raise DeltaConvError("this model already has ΔConv blocks mounted; unmount them first")
         if module.only_cross_attention or attn.is_cross_attention:
             continue
@@ -70,6 +72,7 @@ def find_self_attention_sites(model: Any) -> list[SelfAttentionSite]:
                 name=f"{name}.attn1",
                 stage=_stage_of(name),
                 channels=attn.to_q.in_features,
+                heads=attn.heads,
                 grid_source=source,
                 patch_size=patch,
             )
@@ -184,8 +187,9 @@ def trace_token_grids(model: Any, latent_height: int, latent_width: int) -> dict
     return {s.name: grids[s.grid_source].size for s in sites}
 
 
-class DeltaConvSelfAttention(nn.Module):
-    """Stands in for a self-attention module: feeds its tokens, as a grid, to a ΔConvBlock.
+class ReplacedSelfAttention(nn.Module):
+    """Stands in for a self-attention module: feeds its tokens, as a grid, to a mixer (a ΔConvBlock, or
+    LinFusion's linear attention for the baseline).
 
     Keeps the original attention so that ``use_original`` (the teacher view) and unmounting are exact.
     """
@@ -227,16 +231,21 @@ class DeltaConvSelfAttention(nn.Module):
 @dataclass
 class _Mount:
     denoiser: ModelMixin
-    wrappers: list[DeltaConvSelfAttention]
+    wrappers: list[ReplacedSelfAttention]
     hooks: list[torch.utils.hooks.RemovableHandle]
     requires_grad: dict[str, bool]
 
 
-class DeltaConvAdapter(ModelMixin, ConfigMixin):
-    """The ΔConvBlocks that replace a denoiser's self-attention, one per entry of ``targets``.
+MIXERS = ("deltaconv", "linfusion")
 
-    Build one for a model with :meth:`construct_for`, put it in place with :meth:`mount`, take it out
-    with :meth:`unmount`; ``save_pretrained`` / ``from_pretrained`` store only the blocks (safetensors).
+
+class DeltaConvAdapter(ModelMixin, ConfigMixin):
+    """The blocks that replace a denoiser's self-attention, one per entry of ``targets``.
+
+    ``mixer`` is ``"deltaconv"`` (ΔConvBlocks) or ``"linfusion"`` (LinFusion's generalized linear
+    attention, the baseline, distilled in the same harness). Build one for a model with
+    :meth:`construct_for`, put it in place with :meth:`mount`, take it out with :meth:`unmount`;
+    ``save_pretrained`` / ``from_pretrained`` store only the blocks (safetensors).
     """
 
     config_name = "config.json"
@@ -246,7 +255,10 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         self,
         targets: list[str],
         channels: list[int],
-        kernel_sizes: list[int],
+        kernel_sizes: list[int] | None = None,
+        heads: list[int] | None = None,
+        qkv_bias: bool = False,
+        mixer: str = "deltaconv",
         scales: tuple[float, ...] = (1.0, 0.5),
         inter_ratio: float = 0.5,
         gate: str = "scaled",
@@ -254,12 +266,22 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         family: str = "sd",
     ) -> None:
         super().__init__()
-        if not len(targets) == len(channels) == len(kernel_sizes):
-            raise ValueError("targets, channels and kernel_sizes must have the same length")
-        self.blocks = nn.ModuleList(
-            DeltaConvBlock(c, k, scales=scales, inter_ratio=inter_ratio, gate=gate)
-            for c, k in zip(channels, kernel_sizes, strict=True)
-        )
+        if mixer == "deltaconv":
+            if kernel_sizes is None or len(kernel_sizes) != len(targets) or len(channels) != len(targets):
+                raise ValueError("targets, channels and kernel_sizes must have the same length")
+            blocks = [
+                DeltaConvBlock(c, k, scales=scales, inter_ratio=inter_ratio, gate=gate)
+                for c, k in zip(channels, kernel_sizes, strict=True)
+            ]
+        elif mixer == "linfusion":
+            if heads is None or len(heads) != len(targets) or len(channels) != len(targets):
+                raise ValueError("targets, channels and heads must have the same length")
+            blocks = [
+                LinFusionAttention(c, h, c // h, qkv_bias) for c, h in zip(channels, heads, strict=True)
+            ]
+        else:
+            raise ValueError(f"mixer must be one of {', '.join(MIXERS)}, got {mixer!r}")
+        self.blocks = nn.ModuleList(blocks)
         self._mount: _Mount | None = None
 
     @classmethod
@@ -268,6 +290,7 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         model: Any,
         kernel_sizes: int | Mapping[str, int] | None = None,
         *,
+        mixer: str = "deltaconv",
         scales: Sequence[float] = (1.0, 0.5),
         inter_ratio: float = 0.5,
         gate: str = "scaled",
@@ -276,27 +299,37 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         """A freshly initialised adapter for every self-attention site of ``model`` (pipeline or denoiser).
 
         ``kernel_sizes`` overrides the family defaults (see :func:`resolve_kernel_sizes`). With ``seed``
-        the initial weights are reproducible without touching the global RNG.
+        the initial weights are reproducible without touching the global RNG. LinFusion blocks start
+        from the projections of the attention they replace, as LinFusion does.
         """
         denoiser = denoiser_of(model)
         sites = find_self_attention_sites(denoiser)
-        sizes = resolve_kernel_sizes(denoiser, kernel_sizes)
-        bad = sorted({k for k in sizes if k < 1 or k % 2 == 0})
-        if bad:
-            raise DeltaConvError(f"kernel sizes must be positive odd numbers, got {bad[0]}")
+        sizes = None
+        if mixer == "deltaconv":
+            sizes = resolve_kernel_sizes(denoiser, kernel_sizes)
+            bad = sorted({k for k in sizes if k < 1 or k % 2 == 0})
+            if bad:
+                raise DeltaConvError(f"kernel sizes must be positive odd numbers, got {bad[0]}")
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            return cls(
+            adapter = cls(
                 targets=[s.name for s in sites],
                 channels=[s.channels for s in sites],
                 kernel_sizes=sizes,
+                heads=[s.heads for s in sites] if mixer == "linfusion" else None,
+                qkv_bias=any(denoiser.get_submodule(s.name).to_q.bias is not None for s in sites),
+                mixer=mixer,
                 scales=tuple(scales),
                 inter_ratio=inter_ratio,
                 gate=gate,
                 denoiser_class=type(denoiser).__name__,
                 family=family_of(denoiser),
             )
+        if mixer == "linfusion":
+            for site, block in zip(sites, adapter.blocks, strict=True):
+                block.copy_projections(denoiser.get_submodule(site.name))
+        return adapter
 
     @property
     def is_mounted(self) -> bool:
@@ -343,7 +376,7 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         for site, block in zip(sites, self.blocks, strict=True):
             parent_name, attr = site.name.rsplit(".", 1)
             parent = denoiser.get_submodule(parent_name)
-            wrapper = DeltaConvSelfAttention(block, getattr(parent, attr), grids[site.grid_source], site.name)
+            wrapper = ReplacedSelfAttention(block, getattr(parent, attr), grids[site.grid_source], site.name)
             wrapper.__dict__["adapter"] = self  # plain reference: not a submodule of the denoiser
             setattr(parent, attr, wrapper)
             wrappers.append(wrapper)
@@ -382,6 +415,6 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
 def mounted_adapter(model: Any) -> DeltaConvAdapter | None:
     """The adapter mounted on ``model`` (pipeline or denoiser), if any."""
     for module in denoiser_of(model).modules():
-        if isinstance(module, DeltaConvSelfAttention):
+        if isinstance(module, ReplacedSelfAttention):
             return module.__dict__["adapter"]
     return None

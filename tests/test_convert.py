@@ -15,7 +15,7 @@ from deltaconv_cli.architectures import denoiser_inputs, denoiser_of
 from deltaconv_cli.cli import app
 from deltaconv_cli.errors import DeltaConvError
 from deltaconv_cli.loading import load_converted
-from deltaconv_cli.surgery import DeltaConvSelfAttention, find_self_attention_sites, mounted_adapter
+from deltaconv_cli.surgery import ReplacedSelfAttention, find_self_attention_sites, mounted_adapter
 
 runner = CliRunner()
 SIZES = [(32, 32), (32, 48)]  # pixels: square and non-square (latent 16x16 and 16x24)
@@ -61,7 +61,7 @@ def test_convert_pipeline_end_to_end(layout, saved_pipelines, tmp_path):
 
     pipe = load_converted(out)
     denoiser = denoiser_of(pipe)
-    assert sum(isinstance(m, DeltaConvSelfAttention) for m in denoiser.modules()) == len(sites)
+    assert sum(isinstance(m, ReplacedSelfAttention) for m in denoiser.modules()) == len(sites)
     for height, width in SIZES:
         kwargs = denoiser_inputs(
             denoiser, 2, height // 2, width // 2, generator=torch.Generator().manual_seed(1)

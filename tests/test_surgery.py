@@ -14,7 +14,7 @@ from deltaconv_cli.architectures import BUILTIN_ARCHITECTURES, denoiser_inputs, 
 from deltaconv_cli.errors import DeltaConvError
 from deltaconv_cli.surgery import (
     DeltaConvAdapter,
-    DeltaConvSelfAttention,
+    ReplacedSelfAttention,
     default_kernel_sizes,
     find_self_attention_sites,
     mounted_adapter,
@@ -108,11 +108,11 @@ def test_mount_replaces_only_self_attention(layout):
     targets = set(adapter.config.targets)
     for name, module in model.named_modules():
         if name in targets:
-            assert isinstance(module, DeltaConvSelfAttention)
+            assert isinstance(module, ReplacedSelfAttention)
             assert module.original is before[name]
         elif name.endswith("attn2"):
             assert module is before[name] and isinstance(module, Attention)
-    replaced = {name for name, m in model.named_modules() if isinstance(m, DeltaConvSelfAttention)}
+    replaced = {name for name, m in model.named_modules() if isinstance(m, ReplacedSelfAttention)}
     assert replaced == targets
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in adapter.parameters()}
@@ -145,7 +145,7 @@ def test_blocks_see_the_stage_grid(layout, size):
     adapter = DeltaConvAdapter.construct_for(model).mount(model)
     seen = {}
     for name, module in model.named_modules():
-        if isinstance(module, DeltaConvSelfAttention):
+        if isinstance(module, ReplacedSelfAttention):
             module.block.register_forward_pre_hook(
                 lambda m, args, name=name: seen.update({name: tuple(args[0].shape)})
             )

@@ -1,0 +1,546 @@
+"""``deltaconv profile``: cost of self-attention vs ΔConvBlock vs LinFusion, per layer and per model.
+
+Counting needs no weights: every module is built on the meta device and run under PyTorch's
+``FlopCounterMode`` (multiply-adds = its FLOPs / 2), with a handle for ``scaled_dot_product_attention``
+(PyTorch's counter decomposes it into an N x N matmul on the meta device and counts the CPU kernel as
+zero) and a tracker of the bytes of live intermediate tensors (activation memory, inference, batch 1).
+``measure=True`` also times each mixer at each layer shape on a device, and whole denoiser steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from .architectures import BUILTIN_ARCHITECTURES, denoiser_inputs, family_of, latent_stride, meta_denoiser
+from .block import DeltaConvBlock
+from .errors import DeltaConvError
+from .linfusion import LinFusionAttention
+from .loading import locate_model
+from .surgery import DeltaConvAdapter, default_kernel_sizes, find_self_attention_sites, trace_token_grids
+
+MIXERS = ("attention", "deltaconv", "linfusion")
+PAPER_RATIO = 6929  # "6929x lower computational cost than self-attention in SD1.5" (paper, Figure 1)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------- counting
+
+
+class _SDPAHandle(TorchFunctionMode):
+    """Counts ``scaled_dot_product_attention`` by its closed form, B h N M (d + d_v), and on the meta
+    device returns an empty result instead of materialising the N x M scores (fused kernels do not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            self.macs += q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+            if q.device.type == "meta":
+                return q.new_empty((*q.shape[:-1], v.shape[-1]))
+        return func(*args, **kwargs)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created inside the mode that are alive at once (views and in-place
+    results share memory and are not counted again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info is not None for r in func._schema.returns):
+            for tensor in tree_leaves(out):
+                if isinstance(tensor, torch.Tensor):
+                    nbytes = tensor.numel() * tensor.element_size()
+                    self.live += nbytes
+                    weakref.finalize(tensor, self._release, nbytes)
+            self.peak = max(self.peak, self.live)
+        return out
+
+
+def count(run: Callable[[], Any]) -> tuple[int, int]:
+    """Multiply-adds and peak activation bytes of ``run()`` (no gradients)."""
+    sdpa, flops, memory = _SDPAHandle(), FlopCounterMode(display=False), _LiveBytes()
+    with torch.no_grad(), sdpa, flops, memory:
+        result = run()
+        del result
+    return flops.get_total_flops() // 2 + sdpa.macs, memory.peak
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class Cost:
+    macs: int
+    params: int
+    activation_bytes: int  # counted peak of intermediate tensors, batch 1
+    latency_ms: float | None = None  # measured (median)
+    peak_bytes: int | None = None  # measured
+    skipped: str | None = None  # why it was not measured
+
+
+@dataclass
+class LayerProfile:
+    name: str
+    stage: str
+    grid: tuple[int, int]
+    channels: int
+    heads: int
+    kernel_size: int
+    attention: Cost
+    deltaconv: Cost
+    linfusion: Cost
+
+
+@dataclass
+class ResolutionProfile:
+    height: int  # pixels
+    width: int
+    latent: tuple[int, int]
+    layers: list[LayerProfile]
+    denoiser_macs: int
+    denoiser_activation_bytes: int
+    step_latency_ms: dict[str, float] = field(default_factory=dict)  # measured whole-denoiser steps
+    step_skipped: dict[str, str] = field(default_factory=dict)
+
+    def total(self, mixer: str, attr: str = "macs") -> float:
+        return sum(getattr(getattr(layer, mixer), attr) or 0 for layer in self.layers)
+
+    @property
+    def attention_over_deltaconv(self) -> float:
+        return self.total("attention") / self.total("deltaconv")
+
+    @property
+    def linfusion_over_deltaconv(self) -> float:
+        return self.total("linfusion") / self.total("deltaconv")
+
+    @property
+    def attention_share(self) -> float:
+        """Share of the whole denoiser's multiply-adds spent in self-attention."""
+        return self.total("attention") / self.denoiser_macs
+
+
+@dataclass
+class ProfileReport:
+    model: str
+    denoiser_class: str
+    family: str
+    vae_factor: int
+    device: str
+    dtype: str
+    resolutions: list[ResolutionProfile]
+    paper_ratio: int = PAPER_RATIO
+    paper_ratio_passed_at: int | None = None  # square side in pixels where attention/ΔConv passes it
+    ratio_at_crossing: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for res, raw in zip(self.resolutions, data["resolutions"], strict=True):
+            raw["totals_macs"] = {m: res.total(m) for m in MIXERS}
+            raw["attention_over_deltaconv"] = res.attention_over_deltaconv
+            raw["linfusion_over_deltaconv"] = res.linfusion_over_deltaconv
+            raw["attention_share"] = res.attention_share
+        return data
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class Architecture:
+    label: str
+    denoiser_class: str
+    config: dict[str, Any]
+    vae_factor: int
+    kernel_sizes: dict[str, int] | None = None  # per site, from a converted model's adapter
+
+
+def resolve_architecture(source: str) -> Architecture:
+    """A built-in name (sd15, sd21, sdxl, pixart-sigma) or any diffusers folder / hub id (config only)."""
+    if source in BUILTIN_ARCHITECTURES:
+        class_name, config = BUILTIN_ARCHITECTURES[source]
+        return Architecture(source, class_name, config, 8)
+    folder = locate_model(source, config_only=True)
+    sizes = None
+    adapter_config = folder.adapter_path / "config.json"
+    if adapter_config.is_file():
+        config = json.loads(adapter_config.read_text())
+        if config.get("mixer", "deltaconv") == "deltaconv":
+            sizes = dict(zip(config["targets"], config["kernel_sizes"], strict=True))
+    return Architecture(str(source), folder.denoiser_class, folder.denoiser_config, folder.vae_factor, sizes)
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """``"1024"`` (square) or ``"1024x768"`` (height x width), in pixels."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise DeltaConvError(f"resolution must be N or HxW in pixels, got {text!r}") from None
+    if len(sizes) not in (1, 2) or min(sizes) <= 0:
+        raise DeltaConvError(f"resolution must be N or HxW in pixels, got {text!r}")
+    return (sizes[0], sizes[-1])
+
+
+def _check_resolution(height: int, width: int, vae_factor: int, stride: int) -> tuple[int, int]:
+    step = vae_factor * stride
+    if height % step or width % step:
+        raise DeltaConvError(
+            f"resolution {height}x{width} is not a multiple of {step} pixels (VAE factor {vae_factor} x "
+            f"latent stride {stride}); valid sizes are {step}, {2 * step}, {3 * step}, ..."
+        )
+    return height // vae_factor, width // vae_factor
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+class Timer:
+    """Latency of callables on one device: warm-up, then the median of synchronised repeats."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, repeats: int, budget_s: float) -> None:
+        self.device, self.dtype, self.repeats, self.budget_s = device, dtype, repeats, budget_s
+        self.macs_per_s = self._calibrate()
+
+    def _calibrate(self) -> float:
+        a = torch.randn(1024, 1024, device=self.device, dtype=self.dtype)
+        times = []
+        for _ in range(4):
+            _sync(self.device)
+            start = time.perf_counter()
+            a @ a
+            _sync(self.device)
+            times.append(time.perf_counter() - start)
+        return 1024**3 / min(times[1:])
+
+    def skip_reason(self, macs: int, needed_bytes: int) -> str | None:
+        free = _free_bytes(self.device)
+        if needed_bytes > 0.8 * free:
+            return f"needs {needed_bytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+        estimate = macs / self.macs_per_s * (self.repeats + 1)
+        if estimate > self.budget_s:
+            return f"estimated {estimate:.0f} s > time budget {self.budget_s:.0f} s"
+        return None
+
+    def latency_ms(self, run: Callable[[], Any]) -> float:
+        with torch.no_grad():
+            run()  # warm-up
+            times = []
+            for _ in range(self.repeats):
+                _sync(self.device)
+                start = time.perf_counter()
+                run()
+                _sync(self.device)
+                times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    def peak_bytes(self, run: Callable[[], Any]) -> int:
+        """Peak memory of one call beyond what was allocated before it (CUDA allocator; on the CPU,
+        tracked from tensor allocations)."""
+        with torch.no_grad():
+            if self.device.type == "cuda":
+                _sync(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                base = torch.cuda.memory_allocated(self.device)
+                run()
+                _sync(self.device)
+                return torch.cuda.max_memory_allocated(self.device) - base
+            tracker = _LiveBytes()
+            with tracker:
+                run()
+            return tracker.peak
+
+
+def _mixers(channels: int, heads: int, kernel_size: int, attention: nn.Module) -> dict[str, nn.Module]:
+    return {
+        "attention": attention,
+        "deltaconv": DeltaConvBlock(channels, kernel_size),
+        "linfusion": LinFusionAttention(channels, heads, channels // heads, attention.to_q.bias is not None),
+    }
+
+
+def _mixer_input(mixer: str, grid: tuple[int, int], channels: int, **kw: Any) -> torch.Tensor:
+    shape = (1, grid[0] * grid[1], channels) if mixer == "attention" else (1, *grid, channels)
+    return torch.randn(shape, **kw) if kw.get("device", "meta") != "meta" else torch.empty(shape, **kw)
+
+
+# ----------------------------------------------------------------------------------------------- profile
+
+
+def profile(
+    source: str = "sd15",
+    resolutions: Sequence[tuple[int, int]] = ((512, 512), (1024, 1024), (2048, 2048), (4096, 4096)),
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    measure: bool = False,
+    repeats: int = 5,
+    time_budget_s: float = 30.0,
+    find_paper_ratio: bool = True,
+    on_progress: Callable[[str], None] | None = None,
+) -> ProfileReport:
+    """Count (and with ``measure`` time) the three mixers at every self-attention site of ``source``."""
+    if dtype not in DTYPES:
+        raise DeltaConvError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeltaConvError("--device cuda asked for, but no CUDA device is available")
+    arch = resolve_architecture(source)
+    meta = meta_denoiser(arch.denoiser_class, arch.config, torch_dtype)
+    sites = find_self_attention_sites(meta)
+    by_stage = default_kernel_sizes(meta)
+    kernels = {s.name: (arch.kernel_sizes or {}).get(s.name, by_stage[s.stage]) for s in sites}
+    stride = latent_stride(meta)
+    latents = [_check_resolution(h, w, arch.vae_factor, stride) for h, w in resolutions]
+    timer = Timer(dev, torch_dtype, repeats, time_budget_s) if measure else None
+    note = on_progress or (lambda message: None)
+
+    cache: dict[tuple, dict[str, Cost]] = {}
+    results = []
+    for (height, width), latent in zip(resolutions, latents, strict=True):
+        note(f"counting {height}x{width}")
+        grids = trace_token_grids(meta, *latent)
+        layers = []
+        for site in sites:
+            grid, k = grids[site.name], kernels[site.name]
+            key = (grid, site.channels, site.heads, k)
+            if key not in cache:
+                cache[key] = _layer_costs(
+                    meta.get_submodule(site.name), grid, site, k, torch_dtype, timer, note
+                )
+            costs = cache[key]
+            layers.append(LayerProfile(site.name, site.stage, grid, site.channels, site.heads, k, **costs))
+        macs, act = count(partial(meta, **denoiser_inputs(meta, 1, *latent)))
+        results.append(ResolutionProfile(height, width, latent, layers, macs, act))
+
+    if timer is not None:
+        _measure_steps(arch, results, timer, kernels, note)
+    report = ProfileReport(
+        arch.label, arch.denoiser_class, family_of(meta), arch.vae_factor, str(dev), dtype, results
+    )
+    if find_paper_ratio:
+        note("finding where attention/ΔConv passes the paper's ratio")
+        report.paper_ratio_passed_at, report.ratio_at_crossing = paper_ratio_crossing(
+            meta, kernels, arch.vae_factor * stride, arch.vae_factor
+        )
+    return report
+
+
+def _layer_costs(
+    attention: nn.Module,
+    grid: tuple[int, int],
+    site: Any,
+    kernel_size: int,
+    dtype: torch.dtype,
+    timer: Timer | None,
+    note: Callable[[str], None],
+) -> dict[str, Cost]:
+    with torch.device("meta"):
+        modules = _mixers(site.channels, site.heads, kernel_size, attention)
+    costs = {}
+    for name, module in modules.items():
+        module = module.to(dtype)
+        x = _mixer_input(name, grid, site.channels, device="meta", dtype=dtype)
+        macs, act = count(partial(module, x))
+        costs[name] = Cost(macs, _numel(module), act)
+    if timer is not None:
+        for name, cost in costs.items():
+            note(f"timing {name} at {grid[0]}x{grid[1]}x{site.channels}")
+            input_bytes = grid[0] * grid[1] * site.channels * dtype.itemsize
+            cost.skipped = timer.skip_reason(cost.macs, cost.activation_bytes + input_bytes + cost.params * 4)
+            if cost.skipped:
+                continue
+            module = _real_mixer(name, site, kernel_size, timer)
+            x = _mixer_input(name, grid, site.channels, device=timer.device, dtype=timer.dtype)
+            cost.latency_ms = timer.latency_ms(partial(module, x))
+            cost.peak_bytes = timer.peak_bytes(partial(module, x))
+            del module, x
+    return costs
+
+
+def _real_mixer(name: str, site: Any, kernel_size: int, timer: Timer) -> nn.Module:
+    from diffusers.models.attention_processor import Attention
+
+    with torch.device(timer.device):
+        attention = Attention(site.channels, heads=site.heads, dim_head=site.channels // site.heads)
+        module = _mixers(site.channels, site.heads, kernel_size, attention)[name]
+    return module.to(timer.dtype).eval()
+
+
+def _measure_steps(
+    arch: Architecture,
+    results: list[ResolutionProfile],
+    timer: Timer,
+    kernels: dict[str, int],
+    note: Callable[[str], None],
+) -> None:
+    """Whole-denoiser step latency (batch 1): original, with ΔConv blocks, with LinFusion."""
+    from .architectures import denoiser_class
+
+    weights = sum(p.numel() for p in meta_denoiser(arch.denoiser_class, arch.config).parameters())
+    needed = weights * timer.dtype.itemsize
+    if needed > 0.6 * _free_bytes(timer.device):
+        for res in results:
+            res.step_skipped = dict.fromkeys(MIXERS, f"weights need {needed / 2**30:.1f} GiB")
+        return
+    note("building the denoiser with random weights for step timing")
+    with torch.device(timer.device):
+        denoiser = denoiser_class(arch.denoiser_class).from_config(arch.config)
+    denoiser = nn.Module.to(denoiser, timer.dtype).eval()  # nn.Module.to: no diffusers dtype warning
+    adapters = {
+        "attention": None,
+        "deltaconv": DeltaConvAdapter.construct_for(denoiser, kernels),
+        "linfusion": DeltaConvAdapter.construct_for(denoiser, mixer="linfusion"),
+    }
+    for mixer, adapter in adapters.items():
+        if adapter is not None:
+            adapter.mount(denoiser)
+        for res in results:
+            macs = res.denoiser_macs - res.total("attention") + res.total(mixer)
+            reason = timer.skip_reason(macs, res.denoiser_activation_bytes)
+            if reason:
+                res.step_skipped[mixer] = reason
+                continue
+            note(f"timing a {mixer} denoiser step at {res.height}x{res.width}")
+            inputs = denoiser_inputs(denoiser, 1, *res.latent, generator=torch.Generator().manual_seed(0))
+            res.step_latency_ms[mixer] = timer.latency_ms(partial(denoiser, **inputs))
+        if adapter is not None:
+            adapter.unmount()
+
+
+def paper_ratio_crossing(
+    meta: nn.Module, kernels: dict[str, int], step: int, vae_factor: int, limit: int = 65536
+) -> tuple[int | None, float | None]:
+    """Smallest square side (pixels, a multiple of ``step``) where attention/ΔConv multiply-adds, summed
+    over all self-attention sites, pass PAPER_RATIO; None when not reached below ``limit`` pixels."""
+    sites = find_self_attention_sites(meta)
+
+    def ratio(side: int) -> float:
+        grids = trace_token_grids(meta, side // vae_factor, side // vae_factor)
+        totals = dict.fromkeys(("attention", "deltaconv"), 0)
+        for site in sites:
+            h, w = grids[site.name]
+            attention = meta.get_submodule(site.name)
+            with torch.device("meta"):
+                block = DeltaConvBlock(site.channels, kernels[site.name]).to(attention.to_q.weight.dtype)
+            dtype = attention.to_q.weight.dtype
+            x = torch.empty(1, h * w, site.channels, device="meta", dtype=dtype)
+            totals["attention"] += count(partial(attention, x))[0]
+            totals["deltaconv"] += count(partial(block, x.view(1, h, w, site.channels)))[0]
+        return totals["attention"] / totals["deltaconv"]
+
+    low, high = 1, limit // step
+    if ratio(high * step) < PAPER_RATIO:
+        return None, None
+    while low < high:  # the ratio grows with the number of tokens
+        mid = (low + high) // 2
+        if ratio(mid * step) >= PAPER_RATIO:
+            high = mid
+        else:
+            low = mid + 1
+    return high * step, ratio(high * step)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def human_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def plot(report: ProfileReport, path: Path) -> None:
+    """Log-log PNG of multiply-adds (and measured latency) vs resolution for the three mixers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sides = [math.sqrt(r.height * r.width) for r in report.resolutions]
+    measured = any(layer.attention.latency_ms is not None for r in report.resolutions for layer in r.layers)
+    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(12 if measured else 6.5, 4.5), squeeze=False)
+    labels = {"attention": "self-attention", "deltaconv": "ΔConvBlock", "linfusion": "LinFusion"}
+    ax = axes[0][0]
+    for mixer in MIXERS:
+        ax.plot(sides, [r.total(mixer) for r in report.resolutions], "o-", label=labels[mixer])
+    ax.plot(sides, [r.denoiser_macs for r in report.resolutions], "k--", label="whole denoiser (original)")
+    ax.set(xscale="log", yscale="log", xlabel="image side (pixels)", ylabel="multiply-adds per image")
+    ax.set_title(f"{report.model}: all {len(report.resolutions[0].layers)} self-attention sites")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    if measured:
+        ax = axes[0][1]
+        for mixer in MIXERS:
+            points = [
+                (side, r.total(mixer, "latency_ms"))
+                for side, r in zip(sides, report.resolutions, strict=True)
+                if all(getattr(layer, mixer).latency_ms is not None for layer in r.layers)
+            ]
+            if points:
+                ax.plot(*zip(*points, strict=True), "o-", label=labels[mixer])
+        ax.set(xscale="log", yscale="log", xlabel="image side (pixels)", ylabel="ms per image, all layers")
+        ax.set_title(f"measured on {report.device} ({report.dtype})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,160 @@
+"""`deltaconv profile`: counted multiply-adds against closed forms and fvcore, reports, measuring."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from fvcore.nn import FlopCountAnalysis
+from PIL import Image
+from tiny_models import tiny_denoiser
+from typer.testing import CliRunner
+
+from deltaconv_cli.block import DeltaConvBlock
+from deltaconv_cli.cli import app
+from deltaconv_cli.linfusion import LinFusionAttention
+from deltaconv_cli.profile import count, profile
+
+runner = CliRunner()
+
+
+def closed_forms(h: int, w: int, c: int, heads: int, k: int) -> dict[str, int]:
+    """DESIGN 1.1 and 2, with the half-scale branch on the floor(H/2) x floor(W/2) grid."""
+    n, d = h * w, c // heads
+    return {
+        "attention": 4 * n * c * c + 2 * n * n * c,
+        "deltaconv": n * c * c + n * k * k * c // 2 + (h // 2) * (w // 2) * k * k * c // 2 + c * c,
+        "linfusion": 8 * n * c * c + 2 * n * c * d + n * c,
+    }
+
+
+def mixers(c: int, heads: int, k: int, device: str) -> dict[str, torch.nn.Module]:
+    with torch.device(device):
+        return {
+            "attention": Attention(c, heads=heads, dim_head=c // heads),
+            "deltaconv": DeltaConvBlock(c, k),
+            "linfusion": LinFusionAttention(c, heads, c // heads),
+        }
+
+
+def inputs(name: str, h: int, w: int, c: int, device: str) -> torch.Tensor:
+    shape = (1, h * w, c) if name == "attention" else (1, h, w, c)
+    return torch.randn(shape) if device == "cpu" else torch.empty(shape, device=device)
+
+
+@pytest.mark.parametrize("h,w,c,heads,k", [(64, 64, 320, 8, 7), (96, 128, 1280, 20, 13), (9, 7, 64, 2, 3)])
+def test_counted_macs_equal_closed_forms(h, w, c, heads, k):
+    expected = closed_forms(h, w, c, heads, k)
+    for name, module in mixers(c, heads, k, "meta").items():
+        macs, activation = count(partial(module, inputs(name, h, w, c, "meta")))
+        assert macs == expected[name], name
+        assert activation >= h * w * c * 4  # at least the output, in float32
+
+
+def _fvcore_sdpa(inputs, outputs):
+    q, k, v = (i.type().sizes() for i in inputs[:3])
+    return q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])
+
+
+def test_counter_agrees_with_fvcore_on_real_tensors():
+    h, w, c, heads, k = 12, 10, 64, 4, 5
+    for name, module in mixers(c, heads, k, "cpu").items():
+        x = inputs(name, h, w, c, "cpu")
+        analysis = FlopCountAnalysis(module, (x,))
+        analysis.set_op_handle("aten::scaled_dot_product_attention", _fvcore_sdpa)
+        analysis.unsupported_ops_warnings(False)
+        # fvcore also counts norms, pooling and resizing, which are not multiply-adds of weights.
+        not_matmul = {"layer_norm", "group_norm", "adaptive_avg_pool2d", "upsample_bilinear2d"}
+        matmul_and_conv = sum(v for op, v in analysis.by_operator().items() if op not in not_matmul)
+        assert "scaled_dot_product_attention" in analysis.by_operator() or name != "attention"
+        assert count(partial(module, x))[0] == matmul_and_conv, name
+
+
+def test_scaled_dot_product_attention_counts_on_cpu_too():
+    q = torch.randn(1, 2, 16, 8)
+    assert count(partial(F.scaled_dot_product_attention, q, q, q))[0] == 2 * 16 * 16 * 8 * 2
+
+
+@pytest.mark.parametrize("name,sites", [("sd15", 16), ("sd21", 16), ("sdxl", 70), ("pixart-sigma", 28)])
+def test_site_counts_and_totals(name, sites):
+    report = profile(name, [(1024, 1024)], find_paper_ratio=False)
+    res = report.resolutions[0]
+    assert len(res.layers) == sites
+    # LinFusion's MLPs make it dearer than attention itself at SDXL's 1024 px grids; ΔConv is cheapest.
+    assert min(res.total("attention"), res.total("linfusion")) > res.total("deltaconv")
+    assert res.denoiser_macs > res.total("attention")
+    assert 0 < res.attention_share < 1
+
+
+def test_sd15_at_512_by_the_formulas():
+    report = profile("sd15", [(512, 512)], find_paper_ratio=False)
+    res = report.resolutions[0]
+    kernels = {"down_blocks.0": 7, "down_blocks.1": 9, "down_blocks.2": 5, "mid_block": 3,
+               "up_blocks.1": 5, "up_blocks.2": 9, "up_blocks.3": 11}  # fmt: skip
+    expected = {"attention": 0, "deltaconv": 0, "linfusion": 0}
+    for layer in res.layers:
+        assert layer.kernel_size == kernels[layer.stage]
+        forms = closed_forms(*layer.grid, layer.channels, layer.heads, layer.kernel_size)
+        for mixer in expected:
+            expected[mixer] += forms[mixer]
+    assert {m: res.total(m) for m in expected} == expected
+
+
+def test_paper_ratio_crossing_for_sd15():
+    report = profile("sd15", [(512, 512)])
+    # DESIGN 1.4: by the formulas the ratio passes ~7000x near 16K px.
+    assert report.paper_ratio_passed_at == 14400
+    assert report.ratio_at_crossing >= 6929
+
+
+def test_cli_writes_json_and_plot(tmp_path):
+    json_file, png_file = tmp_path / "p.json", tmp_path / "p.png"
+    args = ["profile", "--res", "512", "1024", "--json", str(json_file), "--plot", str(png_file)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "attention/ΔConv passes the paper's 6,929x at 14,400 px" in result.stdout
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["model"] == "sd15" and [r["height"] for r in data["resolutions"]] == [512, 1024]
+    assert len(data["resolutions"][0]["layers"]) == 16
+    assert data["resolutions"][1]["linfusion_over_deltaconv"] > 1
+    with Image.open(tmp_path / "p.png") as image:
+        assert image.format == "PNG" and image.width > 300
+
+
+def test_measure_on_a_tiny_model(tmp_path):
+    tiny_denoiser("sd1").save_pretrained(tmp_path / "unet")
+    out = tmp_path / "m.json"
+    result = runner.invoke(
+        app,
+        ["profile", str(tmp_path / "unet"), "--res", "64", "96x64", "--measure", "--repeats", "2",
+         "--json", str(out), "--plot", str(tmp_path / "m.png")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    for res in data["resolutions"]:
+        for layer in res["layers"]:
+            for mixer in ("attention", "deltaconv", "linfusion"):
+                assert layer[mixer]["latency_ms"] > 0 and layer[mixer]["peak_bytes"] > 0
+                assert layer[mixer]["skipped"] is None
+        assert set(res["step_latency_ms"]) == {"attention", "deltaconv", "linfusion"}
+
+
+def test_measure_skips_with_the_reason(tmp_path):
+    tiny_denoiser("sd1").save_pretrained(tmp_path / "unet")
+    args = ["profile", str(tmp_path / "unet"), "--res", "64", "--measure", "--time-budget", "0"]
+    args += ["--json", "-"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    layer = json.loads(result.stdout)["resolutions"][0]["layers"][0]
+    assert layer["attention"]["latency_ms"] is None
+    assert layer["attention"]["skipped"].startswith("estimated")
+
+
+def test_resolution_that_does_not_fit_the_model():
+    result = runner.invoke(app, ["profile", "sdxl", "--res", "1000"])
+    assert result.exit_code == 1
+    assert "not a multiple of 32 pixels" in result.stderr and "valid sizes are 32, 64, 96" in result.stderr
