@@ -1,0 +1,83 @@
+"""How good a demo-domain generator is: prompt adherence by the exact checker, and Fréchet distances
+in the domain extractor's feature space (computed offline)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from cleanfid.fid import fid_from_feats
+
+from . import domain
+from .extractor import DomainFeatureExtractor
+
+HELD_OUT_SEED = 10_000_019  # captions no training stream draws (training uses seeds 0.. and seed + 1)
+REFERENCE_SEED = 20_000_003  # real images for Fréchet distances
+
+
+@torch.no_grad()
+def features(extractor: DomainFeatureExtractor, images: Sequence[np.ndarray], batch: int = 256) -> np.ndarray:
+    """Extractor features of uint8 ``(H, W, 3)`` images."""
+    chunks = []
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(np.stack(images[start : start + batch])).permute(0, 3, 1, 2).float() / 255
+        chunks.append(extractor.features(x).double().numpy())
+    return np.concatenate(chunks)
+
+
+def frechet(extractor: DomainFeatureExtractor, a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
+    """Fréchet distance between two image sets in the extractor's feature space."""
+    return float(fid_from_feats(features(extractor, a), features(extractor, b)))
+
+
+def real_images(seed: int, count: int, kind: str | None = None) -> list[np.ndarray]:
+    return [domain.render(domain.make_scene(seed, i, kind)) for i in range(count)]
+
+
+def held_out_captions(count: int, seed: int = HELD_OUT_SEED) -> tuple[list[str], list[str]]:
+    """Captions (and their scene kinds) from a seed no training run draws from."""
+    scenes = [domain.make_scene(seed, i) for i in range(count)]
+    return [s.caption for s in scenes], [s.kind for s in scenes]
+
+
+def adherence_by_kind(
+    images: Sequence[np.ndarray], captions: Sequence[str], kinds: Sequence[str]
+) -> dict[str, float]:
+    scores = [domain.check(image, caption) for image, caption in zip(images, captions, strict=True)]
+    result = {"all": float(np.mean(scores))}
+    for kind in domain.KINDS:
+        chosen = [s for s, k in zip(scores, kinds, strict=True) if k == kind]
+        if chosen:
+            result[kind] = float(np.mean(chosen))
+    return result
+
+
+def generator_quality(
+    pipe: Any, extractor: DomainFeatureExtractor, count: int = 200, steps: int = 20, guidance: float = 4.0
+) -> dict[str, Any]:
+    """Adherence on ``count`` held-out captions and Fréchet distances of the samples to real images,
+    next to two reference distances: real vs real (the floor at this sample size) and between two
+    different domains (real ``single``-object scenes vs real ``count`` scenes)."""
+    from ..sampling import SampleSettings, generate
+
+    captions, kinds = held_out_captions(count)
+    settings = SampleSettings(steps=steps, guidance=guidance)
+    samples = generate(pipe, captions, list(range(count)), (domain.SIZE, domain.SIZE), settings)
+    reference = real_images(REFERENCE_SEED, count)
+    return {
+        "captions": count,
+        "steps": steps,
+        "guidance": guidance,
+        "adherence": adherence_by_kind(samples, captions, kinds),
+        "fd_samples_vs_real": frechet(extractor, samples, reference),
+        "fd_real_vs_real": frechet(extractor, real_images(REFERENCE_SEED + 1, count), reference),
+        "fd_between_domains": frechet(
+            extractor,
+            real_images(REFERENCE_SEED + 2, count, "single"),
+            real_images(REFERENCE_SEED + 3, count, "count"),
+        ),
+        "samples": samples,
+        "sample_captions": captions,
+    }

@@ -1,0 +1,326 @@
+"""The embedded teacher: a small Stable-Diffusion pipeline trained from scratch on the demo domain.
+
+Architecture (a genuine ``StableDiffusionPipeline``): a CLIP tokenizer over the domain's words, a
+2-layer CLIP text encoder, an ``AutoencoderKL`` (64 x 64 RGB <-> 32 x 32 x 4 latents) and a
+``UNet2DConditionModel`` with self- and cross-attention at 32 x 32 and 16 x 16 (and 8 x 8 in the middle).
+
+Training (:func:`train_teacher`) runs in stages, each saved when done so that a rerun resumes after the
+last finished stage: render the data set, train the VAE, encode latents, train text encoder + UNet
+(epsilon prediction, min-SNR weighting, EMA, classifier-free caption dropout), train the feature
+extractor, write the pipeline folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.training_utils import EMAModel
+from rich.progress import Progress
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ..progress import advance, progress_bar
+from . import domain
+from .extractor import train_extractor
+from .text import build_clip_tokenizer
+
+TEXT_LENGTH = 24  # tokens; the longest caption has 17 with BOS/EOS
+RECOMMENDED_STEPS = 20
+RECOMMENDED_GUIDANCE = 4.0
+
+
+def vocabulary() -> list[str]:
+    """Every word the domain's captions use."""
+    words = ["a", "and", "at", "the", "in", "center", "top", "bottom", "left", "right", "mirrored"]
+    words += list(domain.NUMBERS.values()) + list(domain.COLORS)
+    words += [s for shape in domain.SHAPES for s in (shape, shape + "s")]
+    return words
+
+
+@dataclass
+class TeacherRecipe:
+    """Every setting of the teacher's training; the defaults are the shipped teacher's."""
+
+    seed: int = 0
+    train_scenes: int = 50_000
+    vae_steps: int = 800
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    steps: int = 3600
+    batch: int = 32
+    lr: float = 6e-4
+    warmup: int = 200
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    extractor_steps: int = 1200
+    checkpoint_every: int = 300
+    unet_channels: tuple[int, int, int] = (48, 96, 96)
+    text_width: int = 96
+
+
+def build_components(recipe: TeacherRecipe, scratch: Path) -> dict[str, Any]:
+    """Untrained pipeline components of the teacher's architecture."""
+    torch.manual_seed(recipe.seed)
+    tokenizer = build_clip_tokenizer(vocabulary(), scratch / "tokenizer-files", TEXT_LENGTH)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=recipe.text_width,
+            intermediate_size=2 * recipe.text_width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=TEXT_LENGTH,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=domain.SIZE,
+        mid_block_add_attention=False,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=domain.SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=recipe.unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=recipe.text_width,
+        attention_head_dim=1,  # diffusers reads this as the number of heads
+        norm_num_groups=16,
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "vae": vae,
+        "unet": unet,
+        "scheduler": scheduler,
+    }
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` images as float ``(N, 3, H, W)`` in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def render_dataset(seed: int, count: int) -> tuple[np.ndarray, list[str]]:
+    scenes = [domain.make_scene(seed, i) for i in range(count)]
+    return np.stack([domain.render(s) for s in scenes]), [s.caption for s in scenes]
+
+
+def _save_atomic(component: Any, target: Path) -> None:
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    component.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+def train_vae(vae: AutoencoderKL, images: np.ndarray, recipe: TeacherRecipe, progress: Progress) -> None:
+    gen = torch.Generator().manual_seed(recipe.seed + 1)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    task = progress.add_task("VAE", total=recipe.vae_steps, status="")
+    vae.train()
+    for step in range(recipe.vae_steps):
+        index = torch.randint(len(images), (recipe.vae_batch,), generator=gen)
+        x = to_tensor(images[index.numpy()])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample(generator=gen)).sample.float()
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        for group in optimizer.param_groups:  # cosine decay to 10 %
+            group["lr"] = recipe.vae_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / recipe.vae_steps)))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        advance(progress, task, f"loss {loss.item():.4f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """Posterior means of ``images``, unscaled."""
+    chunks = []
+    for start in range(0, len(images), batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            chunks.append(vae.encode(to_tensor(images[start : start + batch])).latent_dist.mode().float())
+    return torch.cat(chunks)
+
+
+def train_denoiser(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    latents: torch.Tensor,
+    captions: list[str],
+    recipe: TeacherRecipe,
+    progress: Progress,
+    checkpoint: Path,
+) -> None:
+    """Text encoder + UNet, trained jointly for epsilon prediction with min-SNR weighting and EMA.
+
+    Every ``checkpoint_every`` steps the weights, EMA and optimizer state are saved to ``checkpoint``
+    (safetensors + JSON, atomically); a rerun continues from there. Each step's random draws come from a
+    generator seeded by the step, so a resumed run follows the same trajectory.
+    """
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    tokenize = partial(
+        tokenizer, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
+    )
+    ids, empty = tokenize(captions).input_ids, tokenize([""]).input_ids
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
+    ema = EMAModel(params, decay=recipe.ema_decay, use_ema_warmup=True, power=0.75)
+    start = _load_denoiser_checkpoint(checkpoint, params, ema, optimizer) if checkpoint.exists() else 0
+    task = progress.add_task("UNet + text encoder", total=recipe.steps, completed=start, status="")
+    unet.train()
+    text_encoder.train()
+    for step in range(start, recipe.steps):
+        gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+        index = torch.randint(len(latents), (recipe.batch,), generator=gen)
+        x0 = latents[index]
+        tokens = ids[index].clone()
+        tokens[torch.rand(recipe.batch, generator=gen) < recipe.caption_dropout] = empty
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(scheduler.config.num_train_timesteps, (recipe.batch,), generator=gen)
+        noisy = scheduler.add_noise(x0, noise, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            context = text_encoder(tokens)[0]
+            pred = unet(noisy, t, context).sample.float()
+        weight = torch.clamp(snr[t], max=recipe.min_snr_gamma) / snr[t]
+        loss = (weight * (pred - noise).square().mean(dim=(1, 2, 3))).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        warm = min(1.0, (step + 1) / recipe.warmup)
+        cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * step / recipe.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.lr * warm * cosine
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(params)
+        advance(progress, task, f"loss {loss.item():.4f}")
+        if (step + 1) % recipe.checkpoint_every == 0 and step + 1 < recipe.steps:
+            _save_denoiser_checkpoint(checkpoint, step + 1, params, ema, optimizer)
+    ema.copy_to(params)
+    unet.eval()
+    text_encoder.eval()
+
+
+def _save_denoiser_checkpoint(folder: Path, step: int, params: list, ema: EMAModel, optimizer: Any) -> None:
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    state = optimizer.state_dict()
+    tensors = {f"param.{i}": p.detach() for i, p in enumerate(params)}
+    tensors |= {f"ema.{i}": p for i, p in enumerate(ema.shadow_params)}
+    tensors |= {f"opt.{i}.{k}": v for i, entry in state["state"].items() for k, v in entry.items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, staging / "state.safetensors")
+    meta = {
+        "step": step,
+        "ema_optimization_step": ema.optimization_step,
+        "param_groups": state["param_groups"],
+    }
+    (staging / "state.json").write_text(json.dumps(meta))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+
+
+def _load_denoiser_checkpoint(folder: Path, params: list, ema: EMAModel, optimizer: Any) -> int:
+    meta = json.loads((folder / "state.json").read_text())
+    tensors = load_file(folder / "state.safetensors")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+    ema.shadow_params = [tensors[f"ema.{i}"] for i in range(len(params))]
+    ema.optimization_step = meta["ema_optimization_step"]
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    return int(meta["step"])
+
+
+def train_teacher(out: Path, recipe: TeacherRecipe | None = None, work: Path | None = None) -> Path:
+    """Train the demo teacher and its feature extractor; write the pipeline to ``out/pipeline`` and the
+    extractor to ``out/extractor``. Finished stages are kept in ``work`` and skipped on a rerun."""
+    recipe = recipe or TeacherRecipe()
+    out = Path(out)
+    work = Path(work) if work else out.parent / f".{out.name}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    parts = build_components(recipe, work)
+    with progress_bar() as progress:
+        data_file = work / "data.npz"
+        if not data_file.exists():
+            progress.console.print("rendering the training scenes")
+            images, captions = render_dataset(recipe.seed, recipe.train_scenes)
+            np.savez(work / "data.tmp.npz", images=images, captions=np.array(captions))
+            (work / "data.tmp.npz").rename(data_file)
+        data = np.load(data_file)
+        images, captions = data["images"], [str(c) for c in data["captions"]]
+
+        if (work / "vae").exists():
+            parts["vae"] = AutoencoderKL.from_pretrained(work / "vae")
+        else:
+            train_vae(parts["vae"], images, recipe, progress)
+            latents = encode_latents(parts["vae"], images[:4096])
+            parts["vae"].register_to_config(scaling_factor=float(1.0 / latents.std()))
+            _save_atomic(parts["vae"], work / "vae")
+        vae = parts["vae"]
+
+        if not (work / "pipeline").exists():
+            latents_file = work / "latents.safetensors"
+            if not latents_file.exists():
+                progress.console.print("encoding the training set to latents")
+                save_file({"latents": encode_latents(vae, images) * vae.config.scaling_factor}, latents_file)
+            latents = load_file(latents_file)["latents"]
+            denoiser_parts = (parts["unet"], parts["text_encoder"], parts["tokenizer"])
+            train_denoiser(*denoiser_parts, latents, captions, recipe, progress, work / "denoiser-checkpoint")
+            pipe = StableDiffusionPipeline(
+                **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
+            _save_atomic(pipe, work / "pipeline")
+
+        if not (work / "extractor").exists():
+            extractor = train_extractor(recipe.seed + 3, recipe.extractor_steps, progress)
+            _save_atomic(extractor, work / "extractor")
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("pipeline", "extractor"):
+        shutil.rmtree(out / name, ignore_errors=True)
+        shutil.copytree(work / name, out / name)
+    (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
+    return out

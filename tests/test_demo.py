@@ -1,0 +1,103 @@
+"""The embedded demo: the domain generator, its exact checker, the tokenizer, and the shipped teacher."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from diffusers import StableDiffusionPipeline
+from transformers import CLIPTokenizer
+
+from deltaconv_cli.demo import domain
+from deltaconv_cli.demo.extractor import DomainFeatureExtractor
+from deltaconv_cli.demo.quality import adherence_by_kind, frechet, held_out_captions, real_images
+from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, vocabulary
+from deltaconv_cli.demo.text import build_clip_tokenizer
+from deltaconv_cli.loading import demo_path, load_model, locate_model
+from deltaconv_cli.sampling import SampleSettings, generate
+
+
+def test_generator_is_deterministic():
+    a = [domain.make_scene(3, i) for i in range(50)]
+    b = [domain.make_scene(3, i) for i in range(50)]
+    assert a == b and [s.caption for s in a] == [s.caption for s in b]
+    assert all(np.array_equal(domain.render(x), domain.render(y)) for x, y in zip(a, b, strict=True))
+    assert a != [domain.make_scene(4, i) for i in range(50)]
+    assert domain.render(a[0]).shape == (64, 64, 3) and domain.render(a[0]).dtype == np.uint8
+
+
+def test_every_kind_is_drawn_and_captions_parse_back():
+    scenes = [domain.make_scene(0, i) for i in range(400)]
+    assert {s.kind for s in scenes} == set(domain.KINDS)
+    for scene in scenes:
+        kind, objects = domain.parse_caption(scene.caption)
+        assert kind == scene.kind
+        assert [(o.color, o.shape) for o in objects] == [(o.color, o.shape) for o in scene.objects]
+        if kind in ("single", "pair"):
+            assert [o.cell for o in objects] == [o.cell for o in scene.objects]
+
+
+def test_mirror_scenes_are_mirror_symmetric():
+    for i in range(100):
+        scene = domain.make_scene(1, i, "mirror")
+        image = domain.render(scene)
+        assert np.abs(image.astype(int) - image[:, ::-1].astype(int)).max() <= 1
+
+
+def test_checker_scores_ground_truth_one():
+    scenes = [domain.make_scene(5, i) for i in range(300)]
+    assert [domain.check(domain.render(s), s.caption) for s in scenes] == [1.0] * 300
+
+
+def test_checker_scores_mismatched_captions_low():
+    scores = [
+        domain.check(domain.render(domain.make_scene(5, i)), domain.make_scene(6, i).caption)
+        for i in range(300)
+    ]
+    assert np.mean(scores) < 0.3
+    assert np.mean(np.array(scores) == 1.0) < 0.02
+
+
+def test_checker_catches_wrong_counts_and_broken_symmetry():
+    three = domain.make_scene(0, 0, "count")
+    wanted = len(three.objects)
+    other = {2: "three", 3: "four", 4: "two"}[wanted]
+    caption = three.caption.replace(domain.NUMBERS[wanted], other, 1)
+    assert domain.check(domain.render(three), caption) == 0.5  # wrong count: count and total facts fail
+    mirror = domain.make_scene(0, 0, "mirror")
+    left, right = mirror.objects
+    moved = domain.Scene("mirror", (left, domain.SceneObject(right.color, right.shape, (right.cell + 3) % 9)))
+    assert domain.check(domain.render(moved), mirror.caption) < 1.0
+    assert domain.check(domain.render(domain.Scene("single", ())), "a red circle at the top") == 0.0
+
+
+def test_tokenizer_spells_every_word_as_one_token(tmp_path):
+    tokenizer = build_clip_tokenizer(vocabulary(), tmp_path / "files", 24)
+    tokenizer.save_pretrained(tmp_path / "saved")
+    reloaded = CLIPTokenizer.from_pretrained(tmp_path / "saved")
+    for word in vocabulary():
+        assert reloaded.tokenize(word) == [word + "</w>"]
+    caption = "a purple triangle at the bottom left and a cyan circle at the bottom right"
+    assert len(reloaded(caption).input_ids) == 2 + len(caption.split())
+
+
+def test_extractor_ships_and_separates_domains():
+    extractor = DomainFeatureExtractor.from_pretrained(demo_path("extractor"))
+    images = real_images(7, 300)
+    assert extractor.features(__import__("torch").zeros(2, 3, 64, 64)).shape == (2, 64)
+    assert frechet(extractor, images, images) == pytest.approx(0.0, abs=1e-6)
+    floor = frechet(extractor, images, real_images(8, 300))
+    assert frechet(extractor, real_images(9, 300, "single"), real_images(10, 300, "count")) > 5 * floor
+
+
+@pytest.mark.slow
+def test_shipped_teacher_loads_like_a_user_checkpoint_and_follows_prompts():
+    folder = locate_model("demo")
+    assert folder.is_pipeline and folder.vae_factor == 2
+    pipe = load_model(folder)
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert pipe.unet.config.sample_size >= 32
+    pipe.set_progress_bar_config(disable=True)
+    captions, kinds = held_out_captions(48)
+    settings = SampleSettings(steps=RECOMMENDED_STEPS, guidance=RECOMMENDED_GUIDANCE)
+    images = generate(pipe, captions, list(range(48)), (64, 64), settings)
+    assert adherence_by_kind(images, captions, kinds)["all"] >= 0.8
