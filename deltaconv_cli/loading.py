@@ -15,6 +15,7 @@ from diffusers import DiffusionPipeline, ModelMixin
 from huggingface_hub import snapshot_download
 
 from .architectures import SUPPORTED_TEXT, denoiser_class, meta_denoiser
+from .demo import DEMO
 from .errors import DeltaConvError
 from .surgery import DeltaConvAdapter
 
@@ -81,10 +82,21 @@ def _download(repo_id: str, config_only: bool) -> Path:
         ) from None
 
 
+DEMO_ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
+
+
+def demo_path(part: str = "pipeline") -> Path:
+    """A part of the embedded demo (``pipeline`` or ``extractor``), installed with the package."""
+    path = DEMO_ASSETS / part
+    if not path.is_dir():
+        raise DeltaConvError(f"the embedded demo {part} is missing from {DEMO_ASSETS}; reinstall deltaconv")
+    return path
+
+
 def locate_model(source: str | Path, *, config_only: bool = False) -> ModelFolder:
-    """The local folder of ``source`` (a path, or a hub id downloaded into the hub cache; with
-    ``config_only`` only its JSON files are fetched)."""
-    path = Path(source).expanduser()
+    """The local folder of ``source``: ``demo`` (the embedded teacher), a path, or a hub id downloaded
+    into the hub cache (with ``config_only`` only its JSON files are fetched)."""
+    path = demo_path() if str(source) == DEMO else Path(source).expanduser()
     if not path.exists():
         if _looks_like_path(str(source)):
             raise DeltaConvError(f"no such folder: {source}")

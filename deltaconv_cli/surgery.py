@@ -399,17 +399,19 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
             param.requires_grad_(mount.requires_grad[name])
 
     @contextlib.contextmanager
-    def bypassed(self) -> Iterator[None]:
-        """While active, the mounted model computes with its original self-attention (the teacher)."""
+    def bypassed(self, active: bool = True) -> Iterator[None]:
+        """While active, the mounted model computes with its original self-attention (the teacher);
+        ``bypassed(False)`` switches the blocks back on inside an outer ``bypassed()``."""
         if self._mount is None:
             raise DeltaConvError("this adapter is not mounted")
+        previous = [wrapper.use_original for wrapper in self._mount.wrappers]
         for wrapper in self._mount.wrappers:
-            wrapper.use_original = True
+            wrapper.use_original = active
         try:
             yield
         finally:
-            for wrapper in self._mount.wrappers:
-                wrapper.use_original = False
+            for wrapper, state in zip(self._mount.wrappers, previous, strict=True):
+                wrapper.use_original = state
 
 
 def mounted_adapter(model: Any) -> DeltaConvAdapter | None:

@@ -1,0 +1,596 @@
+"""``deltaconv distill``: teacher-student distillation of the new blocks (DESIGN 1.3), through accelerate.
+
+The teacher is the original model; the student is the same model with the blocks mounted, so one copy
+of the weights serves both (the teacher view is ``adapter.bypassed()``). Per step and sample: encode the
+image, draw t uniformly and noise, run teacher (no grad) and student on the same noisy latents, timestep
+and text condition, and minimise
+
+    w_d MSE(student, target) + w_t MSE(student, teacher) + w_f sum_blocks MSE(student feat., teacher feat.)
+
+with target the noise, the velocity or the sample as the scheduler's prediction type says, and the
+feature the residual stream right after each replaced sub-block (ΔConv), or the attention output
+(LinFusion's own recipe). Only the blocks train and only they are saved.
+
+Every random draw of a sample (timestep, noise, posterior noise, caption dropout) comes from a generator
+seeded by (seed, step, sample index), and the samples of a step are fixed by the step number. So a run
+split over K processes (each takes 1/K of the global batch), and a run resumed from a checkpoint, follow
+the same trajectory as one uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .architectures import denoiser_of
+from .conditioning import encode_prompts, predict
+from .data import DEMO, batch_indices, image_tensor, open_data
+from .errors import DeltaConvError
+from .loading import load_adapter, load_model, locate_model
+from .progress import advance, progress_bar
+from .surgery import DeltaConvAdapter, ReplacedSelfAttention
+
+RECIPES_DIR = Path(str(importlib.resources.files("deltaconv_cli.recipes")))
+
+
+@dataclass
+class DistillConfig:
+    """Every setting of a distillation run; recipes and command-line options fill it."""
+
+    steps: int = 1000
+    mixer: str = "deltaconv"
+    kernel_sizes: int | dict[str, int] | None = None
+    gate: str = "scaled"
+    resolution: int = 512
+    batch_size: int = 16  # global batch per micro-step, split across processes
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    weight_decay: float = 0.03
+    lr_scheduler: str = "constant_with_warmup"
+    warmup_steps: int = 500
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # "no", "fp16", "bf16"
+    caption_dropout: float = 0.15
+    denoise_weight: float = 1.0
+    teacher_weight: float = 1.0
+    feature_weight: float = 0.001
+    feature: str = "residual"  # "residual" (ΔConvFusion) or "attention_output" (LinFusion)
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 0
+    num_workers: int = 0
+    gradient_checkpointing: bool = False
+    report_prompts: int = 8
+    report_steps: int = 20
+    report_guidance: float = 7.5
+
+    # Settings that change the training trajectory; a resumed run must agree on them.
+    def trajectory(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("steps", "checkpoint_every", "keep_checkpoints", "num_workers", "report_prompts",
+                    "report_steps", "report_guidance"):  # fmt: skip
+            data.pop(key)
+        return data
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
+
+
+def load_recipe(name: str | Path, mixer: str = "deltaconv") -> dict[str, Any]:
+    """Settings of a recipe (a name from ``recipes/`` or a JSON file), with its ``linfusion`` section
+    applied when ``mixer`` is LinFusion (its own loss weights and learning rate)."""
+    path = Path(name)
+    if not path.is_file():
+        path = RECIPES_DIR / f"{name}.json"
+    if not path.is_file():
+        raise DeltaConvError(f"unknown recipe {name!r}; built-in recipes: {', '.join(recipe_names())}")
+    try:
+        recipe = json.loads(path.read_text())
+    except ValueError as err:
+        raise DeltaConvError(f"recipe {path} is not valid JSON: {err}") from None
+    recipe.pop("description", None)
+    overrides = recipe.pop("linfusion", {})
+    if mixer == "linfusion":
+        recipe.update(overrides, mixer="linfusion")
+    known = {f.name for f in fields(DistillConfig)}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise DeltaConvError(f"recipe {path} has unknown settings: {', '.join(unknown)}")
+    return recipe
+
+
+def make_config(recipe: str | Path, mixer: str = "deltaconv", **overrides: Any) -> DistillConfig:
+    """A recipe's settings with ``overrides`` (None means: keep the recipe's value) on top."""
+    settings = load_recipe(recipe, mixer)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    config = DistillConfig(**settings)
+    if config.steps <= 0:
+        raise DeltaConvError(f"--steps must be a positive number, got {config.steps}")
+    if config.mixed_precision not in ("no", "fp16", "bf16"):
+        raise DeltaConvError(f"mixed precision must be no, fp16 or bf16, got {config.mixed_precision!r}")
+    if config.feature not in ("residual", "attention_output"):
+        raise DeltaConvError(f"feature must be residual or attention_output, got {config.feature!r}")
+    return config
+
+
+def default_recipe(model: str, family: str) -> str:
+    if model == DEMO:
+        return "demo"
+    return {"sd": "sd15", "sdxl": "sdxl", "pixart": "pixart-sigma"}[family]
+
+
+# ----------------------------------------------------------------------------------------------- objective
+
+
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The generator of every random draw of sample ``index`` at micro-step ``step``."""
+    state = np.random.SeedSequence([seed, step, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+
+
+def _residual_tap(block: nn.Module) -> nn.Module:
+    """The sub-module of a BasicTransformerBlock whose first input is the residual stream right after
+    the self-attention sub-block (PixArt's ada_norm_single feeds it to attn2 without a norm)."""
+    single = block.norm_type == "ada_norm_single"
+    if block.attn2 is not None:
+        return block.attn2 if single else block.norm2
+    return block.norm2 if single else block.norm3
+
+
+class DistillationObjective(nn.Module):
+    """Teacher and student forward passes of one micro-batch and the loss terms of DESIGN 1.3."""
+
+    def __init__(self, pipe: Any, adapter: DeltaConvAdapter, config: DistillConfig) -> None:
+        super().__init__()
+        self.denoiser = denoiser_of(pipe)
+        self.adapter = adapter
+        self.__dict__["pipe"] = pipe  # VAE and text encoders: used, frozen, not part of this module
+        self.config = config
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self._features: list[torch.Tensor] = []
+        self._hooks = []
+        for module in self.denoiser.modules():
+            if not isinstance(module, ReplacedSelfAttention):
+                continue
+            if config.feature == "attention_output":
+                self._hooks.append(module.register_forward_hook(lambda m, a, out: self._features.append(out)))
+            else:
+                block = self.denoiser.get_submodule(module.site_name.rsplit(".", 1)[0])
+                tap = _residual_tap(block)
+                self._hooks.append(
+                    tap.register_forward_pre_hook(lambda m, args: self._features.append(args[0]))
+                )
+
+    def _take_features(self) -> list[torch.Tensor]:
+        features, self._features = self._features, []
+        return features
+
+    @torch.no_grad()
+    def _inputs(self, images: torch.Tensor, captions: list[str], seeds: list[tuple[int, int, int]]):
+        pipe, device = self.pipe, self.denoiser.device
+        vae = pipe.vae
+        vae_dtype = torch.float32 if vae.config.get("force_upcast") else vae.dtype
+        posterior = vae.to(vae_dtype).encode(images.to(device, vae_dtype)).latent_dist
+        gens = [sample_generator(*s) for s in seeds]
+        shape = posterior.mean.shape[1:]
+        posterior_noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.tensor([int(torch.randint(steps, (1,), generator=g)) for g in gens], device=device)
+        dropped = [float(torch.rand(1, generator=g)) < self.config.caption_dropout for g in gens]
+        latents = (posterior.mean + posterior.std * posterior_noise).float() * vae.config.scaling_factor
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        prediction = self.noise_scheduler.config.prediction_type
+        if prediction == "epsilon":
+            target = noise
+        elif prediction == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            target = latents
+        prompts = ["" if drop else caption for drop, caption in zip(dropped, captions, strict=True)]
+        cond = encode_prompts(pipe, prompts, images.shape[-2], images.shape[-1])
+        return noisy.to(self.denoiser.dtype), t, cond, target
+
+    def forward(self, images: torch.Tensor, captions: list[str], seeds: list[tuple[int, int, int]]):
+        noisy, t, cond, target = self._inputs(images, captions, seeds)
+        self._take_features()
+        with torch.no_grad(), self.adapter.bypassed():
+            teacher = predict(self.denoiser, noisy, t, cond).float()
+            teacher_features = [f.detach().float() for f in self._take_features()]
+        student = predict(self.denoiser, noisy, t, cond).float()
+        student_features = [f.float() for f in self._take_features()]
+        terms = {
+            "denoise": F.mse_loss(student, target.float()),
+            "teacher": F.mse_loss(student, teacher),
+            "feature": sum(
+                (F.mse_loss(s, t) for s, t in zip(student_features, teacher_features, strict=True)),
+                start=student.new_zeros(()),
+            ),
+        }
+        c = self.config
+        terms["total"] = c.denoise_weight * terms["denoise"] + c.teacher_weight * terms["teacher"]
+        terms["total"] = terms["total"] + c.feature_weight * terms["feature"]
+        return terms
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step-*[0-9]"))
+
+
+def save_checkpoint(out: Path, step: int, adapter: DeltaConvAdapter, optimizer: Any, scheduler: Any) -> Path:
+    """Write checkpoint ``step`` atomically (temp folder + rename): adapter and optimizer tensors as
+    safetensors, the rest as JSON."""
+    final = out / "checkpoints" / f"step-{step:07d}"
+    staging = final.with_name(final.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    adapter.save_pretrained(staging / "adapter")
+    state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{name}": value for index, entry in state["state"].items() for name, value in entry.items()
+    }
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging / "optimizer.safetensors"
+    )
+    meta = {"step": step, "param_groups": state["param_groups"], "scheduler": scheduler.state_dict()}
+    (staging / "state.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    return final
+
+
+def load_checkpoint(folder: Path, adapter: DeltaConvAdapter, optimizer: Any, scheduler: Any) -> int:
+    meta = json.loads((folder / "state.json").read_text())
+    weights = load_file(folder / "adapter" / "diffusion_pytorch_model.safetensors")
+    adapter.load_state_dict(weights)
+    tensors = load_file(folder / "optimizer.safetensors")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return int(meta["step"])
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    steps_done: int
+    adapter_path: Path
+    report: dict[str, Any] | None
+
+
+class NonFiniteLoss(DeltaConvError):
+    pass
+
+
+def distill(
+    model: str,
+    data: str,
+    out: str | Path,
+    config: DistillConfig,
+    *,
+    resume: bool = False,
+    adapter: str | Path | None = None,
+    show_progress: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> DistillResult:
+    """Distil the blocks of ``model`` (a teacher pipeline, or a converted one) on ``data``; see module doc."""
+    from accelerate import Accelerator
+
+    out = Path(out)
+    dataset = open_data(data, config.seed)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise DeltaConvError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 or no on the CPU")
+    if config.batch_size % accelerator.num_processes:
+        raise DeltaConvError(
+            f"batch size {config.batch_size} does not split over {accelerator.num_processes} processes"
+        )
+    checkpoints = _checkpoints(out)
+    if resume and not checkpoints:
+        raise DeltaConvError(f"nothing to resume: {out} holds no checkpoint")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise DeltaConvError(
+            f"{out} already holds a run; pass --resume to continue it or choose another folder"
+        )
+    settings = {"model": str(model), "data": str(data), **config.trajectory()}
+    if resume:
+        saved = json.loads((out / "config.json").read_text())
+        saved_settings = {k: saved.get(k) for k in settings}
+        differences = [
+            f"{k}: {saved_settings[k]!r} then, {v!r} now"
+            for k, v in settings.items()
+            if saved_settings[k] != v
+        ]
+        if differences:
+            raise DeltaConvError(f"--resume with different settings ({'; '.join(differences)})")
+
+    folder = locate_model(model)
+    if not folder.is_pipeline:
+        raise DeltaConvError(
+            f"{model} is a bare denoiser; distill needs the whole pipeline (VAE, text encoder)"
+        )
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        config.mixed_precision
+    ]
+    pipe = load_model(folder, torch_dtype=weight_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    for component in pipe.components.values():  # VAE and text encoders frozen; mount freezes the denoiser
+        if isinstance(component, nn.Module):
+            component.requires_grad_(False)
+    blocks = _starting_adapter(pipe, folder, adapter, config)
+    blocks.mount(pipe, dtype=torch.float32)
+    initial_state = copy.deepcopy(blocks.state_dict())
+    pipe.to(accelerator.device)
+    if config.gradient_checkpointing:
+        denoiser_of(pipe).enable_gradient_checkpointing()
+    denoiser_of(pipe).eval()
+
+    objective = DistillationObjective(pipe, blocks, config)
+    optimizer = torch.optim.AdamW(
+        blocks.parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.weight_decay,
+    )
+    scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps
+    )
+    start = 0
+    if resume:
+        start = load_checkpoint(checkpoints[-1], blocks, optimizer, scheduler)
+    elif accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({**settings, **asdict(config)}, indent=2) + "\n")
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+
+    result = _train(
+        accelerator,
+        objective,
+        blocks,
+        optimizer,
+        scheduler,
+        dataset,
+        config,
+        out,
+        start,
+        show_progress,
+        on_step,
+    )
+    report = None
+    if accelerator.is_main_process:
+        blocks.save_pretrained(out / "adapter")
+        plot_losses(out / "log.jsonl", out / "loss.png")
+        report = teacher_student_report(pipe, blocks, initial_state, data, config, out)
+    accelerator.wait_for_everyone()
+    return DistillResult(out, result, out / "adapter", report)
+
+
+def _starting_adapter(
+    pipe: Any, folder: Any, adapter: str | Path | None, config: DistillConfig
+) -> DeltaConvAdapter:
+    """A given adapter, the converted folder's own, or new blocks built with the run's settings."""
+    if adapter is not None or (folder.is_converted and config.mixer == "deltaconv"):
+        blocks = load_adapter(adapter if adapter is not None else folder.adapter_path)
+        if blocks.config.mixer != config.mixer:
+            raise DeltaConvError(
+                f"the adapter holds {blocks.config.mixer} blocks, the run asks for {config.mixer}"
+            )
+        blocks.check_matches(pipe)
+        return blocks
+    return DeltaConvAdapter.construct_for(
+        pipe, config.kernel_sizes, mixer=config.mixer, gate=config.gate, seed=config.seed
+    )
+
+
+def _micro_batch(dataset: Any, config: DistillConfig, micro_step: int, rank: int, world: int):
+    indices = batch_indices(micro_step, config.batch_size, len(dataset), config.seed)
+    share = config.batch_size // world
+    mine = list(range(rank * share, (rank + 1) * share))
+    samples = [dataset[indices[i]] for i in mine]
+    images = torch.stack([image_tensor(s.image, config.resolution) for s in samples])
+    return images, [s.caption for s in samples], [(config.seed, micro_step, i) for i in mine]
+
+
+def _train(
+    accelerator, objective, adapter, optimizer, scheduler, dataset, config, out, start, show_progress, on_step
+) -> int:
+    """The optimisation loop from step ``start``; returns the number of steps done."""
+    log = out / "log.jsonl"
+    last_good = _checkpoints(out)[-1] if _checkpoints(out) else None
+    step = start
+    with progress_bar(disable=not (show_progress and accelerator.is_main_process)) as progress:
+        task = progress.add_task("distilling", total=config.steps, completed=start, status="")
+        try:
+            while step < config.steps:
+                began = time.perf_counter()
+                terms = _accumulate_gradients(accelerator, objective, dataset, config, step)
+                _stop_if_not_finite(terms, step + 1, last_good)
+                grad_norm = accelerator.clip_grad_norm_(adapter.parameters(), config.max_grad_norm)
+                optimizer.step()
+                if not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if accelerator.is_main_process:
+                    record = {
+                        "step": step,
+                        **terms,
+                        "grad_norm": float(grad_norm),
+                        "lr": scheduler.get_last_lr()[0],
+                    }
+                    record["seconds"] = time.perf_counter() - began
+                    with log.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                advance(
+                    progress,
+                    task,
+                    " ".join(f"{k} {terms[k]:.4g}" for k in ("total", "denoise", "teacher", "feature")),
+                )
+                if on_step is not None:
+                    on_step(step, terms)
+                if step % config.checkpoint_every == 0 or step == config.steps:
+                    last_good = _save(accelerator, out, step, adapter, optimizer, scheduler, config)
+        except KeyboardInterrupt:
+            saved = (
+                _save(accelerator, out, step, adapter, optimizer, scheduler, config)
+                if step > start
+                else last_good
+            )
+            message = f"interrupted at step {step}; saved {saved}; continue with --resume"
+            raise DeltaConvError(
+                message if saved else f"interrupted at step {step}, before any checkpoint"
+            ) from None
+    return step
+
+
+def _accumulate_gradients(
+    accelerator, objective, dataset, config: DistillConfig, step: int
+) -> dict[str, float]:
+    """Backward passes of the step's micro-batches; the loss terms averaged over them and all processes."""
+    accumulation = config.gradient_accumulation_steps
+    terms: dict[str, float] = {}
+    for micro in range(accumulation):
+        batch = _micro_batch(dataset, config, step * accumulation + micro, accelerator.process_index,
+                             accelerator.num_processes)  # fmt: skip
+        last = micro == accumulation - 1
+        with nullcontext() if last else accelerator.no_sync(objective):
+            values = _guard_memory(partial(objective, *batch), config)
+            accelerator.backward(values["total"] / accumulation)
+        names = sorted(values)
+        gathered = accelerator.gather(torch.stack([values[k].detach() for k in names]).unsqueeze(0)).mean(0)
+        for name, value in zip(names, gathered.tolist(), strict=True):
+            terms[name] = terms.get(name, 0.0) + value / accumulation
+    return terms
+
+
+def _stop_if_not_finite(terms: dict[str, float], step: int, last_good: Path | None) -> None:
+    bad = [k for k in ("denoise", "teacher", "feature", "total") if not math.isfinite(terms[k])]
+    if bad:
+        kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+        raise NonFiniteLoss(f"loss term {bad[0]!r} is {terms[bad[0]]} at step {step}; stopped, {kept}")
+
+
+def _guard_memory(run: Callable[[], Any], config: DistillConfig) -> Any:
+    try:
+        return run()
+    except torch.OutOfMemoryError:
+        raise DeltaConvError(
+            f"out of memory at batch size {config.batch_size}: lower --batch-size and raise "
+            "--gradient-accumulation-steps by the same factor (same effective batch), or use "
+            "--gradient-checkpointing"
+        ) from None
+
+
+def _save(accelerator, out, step, adapter, optimizer, scheduler, config) -> Path:
+    folder = out / "checkpoints" / f"step-{step:07d}"
+    if accelerator.is_main_process:
+        folder = save_checkpoint(
+            out,
+            step,
+            adapter,
+            optimizer,
+            scheduler,
+        )
+        for old in _checkpoints(out)[: -config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def plot_losses(log: Path, path: Path) -> None:
+    """PNG of every loss term against the step (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("total", "denoise", "teacher", "feature"):
+        ax.plot([r["step"] for r in records], [r[key] for r in records], label=key, lw=1)
+    ax.set(yscale="log", xlabel="step", ylabel="loss", title="distillation losses")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def teacher_student_report(
+    pipe: Any,
+    adapter: DeltaConvAdapter,
+    initial_state: dict[str, torch.Tensor],
+    data: str,
+    config: DistillConfig,
+    out: Path,
+) -> dict[str, Any]:
+    """Teacher vs freshly converted student vs distilled student on fixed prompts and seeds: a grid PNG
+    and agreement numbers (image PSNR/SSIM, denoiser relative error; prompt adherence on the demo)."""
+    from .evaluation import agreement_run
+
+    prompts = report_prompts(data, config)
+    trained_state = copy.deepcopy(adapter.state_dict())
+    adapter.load_state_dict(initial_state)
+    initial = agreement_run(
+        pipe, adapter, prompts, config.resolution, config.report_steps, config.report_guidance
+    )
+    adapter.load_state_dict(trained_state)
+    trained = agreement_run(
+        pipe, adapter, prompts, config.resolution, config.report_steps, config.report_guidance
+    )
+    report: dict[str, Any] = {"prompts": prompts, "seeds": list(range(len(prompts)))}
+    for name, run in (("converted", initial), ("distilled", trained)):
+        report[name] = {k: v for k, v in run.items() if k not in ("teacher_images", "student_images")}
+    from .imaging import save_grid
+
+    scale = max(1, 192 // config.resolution)
+    rows = [
+        [t, i, d]
+        for t, i, d in zip(
+            trained["teacher_images"], initial["student_images"], trained["student_images"], strict=True
+        )
+    ]
+    save_grid(rows, out / "report.png", ["teacher", "converted", "distilled"], prompts, scale=scale)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def report_prompts(data: str, config: DistillConfig) -> list[str]:
+    """Prompts for the report: held-out demo scenes (a seed training never uses), or the first captions."""
+    if data == DEMO:
+        held_out = open_data(DEMO, config.seed + 1_000_003)
+        return [held_out[i].caption for i in range(config.report_prompts)]
+    dataset = open_data(data, config.seed)
+    return [dataset.entries[i][1] for i in range(min(config.report_prompts, len(dataset)))]

@@ -1,0 +1,291 @@
+"""`deltaconv distill` on tiny pipelines: loss terms, what trains, resume, multi-process, clear errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from deltaconv_cli import distill as distillation
+from deltaconv_cli.architectures import denoiser_of
+from deltaconv_cli.cli import app
+from deltaconv_cli.data import batch_indices
+from deltaconv_cli.distill import DistillationObjective, make_config
+from deltaconv_cli.errors import DeltaConvError
+from deltaconv_cli.loading import load_model, locate_model
+from deltaconv_cli.surgery import DeltaConvAdapter, ReplacedSelfAttention
+
+runner = CliRunner()
+TINY = {"steps": 4, "resolution": 32, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 2,
+        "report_prompts": 2, "report_steps": 2, "learning_rate": 1e-3}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, caption in enumerate(["a red circle", "a blue square", "a green cat", "a photo of the cat"] * 2):
+        Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def tiny_config(**overrides):
+    return make_config("demo", **{**TINY, **overrides})
+
+
+def run(pipeline_folder, data, out, **overrides):
+    return distillation.distill(
+        str(pipeline_folder), str(data), out, tiny_config(**overrides), show_progress=False
+    )
+
+
+def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "diffusion_pytorch_model.safetensors")
+
+
+def test_batches_are_fixed_by_the_step():
+    assert batch_indices(3, 4, 10, 0) == batch_indices(3, 4, 10, 0)
+    first_epoch = [i for step in range(5) for i in batch_indices(step, 2, 10, 0)]
+    assert sorted(first_epoch) == list(range(10))  # each sample once per epoch
+    assert batch_indices(0, 4, 2**31 - 1, 0) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("layout,feature", [("sd1", "residual"), ("sd2", "residual"), ("pixart", "residual"),
+                                            ("sd1", "attention_output")])  # fmt: skip
+def test_loss_terms_against_hand_computed_values(layout, feature, saved_pipelines):
+    pipe = load_model(locate_model(saved_pipelines[layout]))
+    teacher = copy.deepcopy(denoiser_of(pipe))
+    adapter = DeltaConvAdapter.construct_for(pipe, seed=0).mount(pipe, dtype=torch.float32)
+    config = tiny_config(feature=feature, caption_dropout=0.0)
+    objective = DistillationObjective(pipe, adapter, config)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    captions, seeds = ["a red circle", "a blue square"], [(0, 0, 0), (0, 0, 1)]
+    terms = objective(images, captions, seeds)
+
+    noisy, t, cond, target = objective._inputs(images, captions, seeds)
+    if layout == "sd2":  # v-prediction: target is the velocity, not the noise
+        assert pipe.scheduler.config.prediction_type == "v_prediction"
+    student_model = denoiser_of(pipe)
+
+    def outputs_and_features(model):
+        """Prediction and, per replaced site, the residual stream after attn1 (block input + attn1 out)
+        or the attention output, captured with hooks written here."""
+        inputs, outs = {}, {}
+        hooks = []
+        for name in adapter.config.targets:
+            block = model.get_submodule(name.rsplit(".", 1)[0])
+            hooks.append(
+                block.register_forward_pre_hook(
+                    lambda m, a, kw, n=name: (
+                        inputs.__setitem__(n, a[0]) if a else inputs.__setitem__(n, kw["hidden_states"])
+                    ),
+                    with_kwargs=True,
+                )
+            )
+            attn = model.get_submodule(name)
+            hooks.append(attn.register_forward_hook(lambda m, a, o, n=name: outs.__setitem__(n, o)))
+        with torch.no_grad():
+            out = (
+                model(noisy, timestep=t, **cond).sample
+                if layout == "pixart"
+                else model(noisy, t, **cond).sample
+            )
+        for h in hooks:
+            h.remove()
+        out = out[:, :4]
+        if layout == "pixart":  # ada_norm_single scales the attention output by gate_msa before the add
+            return out, None
+        feats = [
+            outs[n] if feature == "attention_output" else inputs[n] + outs[n] for n in adapter.config.targets
+        ]
+        return out, feats
+
+    student_out, student_feats = outputs_and_features(student_model)
+    adapter.unmount()
+    teacher_out, teacher_feats = outputs_and_features(teacher)
+    torch.testing.assert_close(terms["denoise"], F.mse_loss(student_out, target))
+    torch.testing.assert_close(terms["teacher"], F.mse_loss(student_out, teacher_out))
+    if student_feats is not None:
+        expected = sum(F.mse_loss(s, t) for s, t in zip(student_feats, teacher_feats, strict=True))
+        torch.testing.assert_close(terms["feature"], expected)
+    assert terms["feature"] > 0
+    total = terms["denoise"] + terms["teacher"] + config.feature_weight * terms["feature"]
+    torch.testing.assert_close(terms["total"], total)
+
+
+def test_only_the_blocks_train(saved_pipelines, image_folder, tmp_path, monkeypatch):
+    captured = {}
+    original_init = DistillationObjective.__init__
+
+    def capture(self, pipe, adapter, config):
+        original_init(self, pipe, adapter, config)
+        captured["pipe"], captured["adapter"] = pipe, adapter
+        captured["base"] = {
+            n: p.detach().clone() for n, p in pipe.unet.named_parameters() if ".block." not in n
+        }
+        captured["blocks"] = copy.deepcopy(adapter.state_dict())
+
+    monkeypatch.setattr(DistillationObjective, "__init__", capture)
+    run(saved_pipelines["sd1"], image_folder, tmp_path / "run")
+    after = {n: p for n, p in captured["pipe"].unet.named_parameters() if ".block." not in n}
+    assert all(torch.equal(after[n], before) for n, before in captured["base"].items())
+    for component in ("vae", "text_encoder"):
+        assert not any(p.requires_grad for p in getattr(captured["pipe"], component).parameters())
+    saved = adapter_weights(tmp_path / "run" / "adapter")
+    assert any(not torch.equal(saved[k], v) for k, v in captured["blocks"].items())
+    assert set(saved) == set(captured["blocks"])
+
+
+def test_outputs_of_a_run(saved_pipelines, image_folder, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["distill", str(saved_pipelines["sd1"]), "--data", str(image_folder), "--out",
+                                 str(out), "--recipe", "demo", "--json", str(tmp_path / "r.json"),
+                                 *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), [])])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {"total", "denoise", "teacher", "feature", "lr", "grad_norm"} <= set(records[0])
+    for name in ("loss.png", "report.png", "report.json", "config.json", "adapter/config.json"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["converted"]) >= {"psnr_db", "ssim", "denoiser_relative_error"}
+    from deltaconv_cli.loading import load_converted
+
+    pipe = load_converted(saved_pipelines["sd1"], adapter=out / "adapter")
+    assert sum(isinstance(m, ReplacedSelfAttention) for m in pipe.unet.modules()) == 7
+
+
+def test_resume_gives_the_same_weights(saved_pipelines, image_folder, tmp_path):
+    run(saved_pipelines["sd1"], image_folder, tmp_path / "straight")
+    run(saved_pipelines["sd1"], image_folder, tmp_path / "split", steps=2)
+    distillation.distill(str(saved_pipelines["sd1"]), str(image_folder), tmp_path / "split", tiny_config(),
+                         resume=True, show_progress=False)  # fmt: skip
+    straight, split = (adapter_weights(tmp_path / name / "adapter") for name in ("straight", "split"))
+    for key in straight:
+        torch.testing.assert_close(split[key], straight[key], rtol=1e-5, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_interrupt_saves_and_resume_finishes(saved_pipelines, image_folder, tmp_path):
+    def interrupt(step, terms):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(
+        DeltaConvError, match="interrupted at step 3; saved .*step-0000003; continue with --resume"
+    ):
+        distillation.distill(str(saved_pipelines["sd1"]), str(image_folder), tmp_path / "run", tiny_config(),
+                             show_progress=False, on_step=interrupt)  # fmt: skip
+    folder, data = str(saved_pipelines["sd1"]), str(image_folder)
+    result = distillation.distill(
+        folder, data, tmp_path / "run", tiny_config(), resume=True, show_progress=False
+    )
+    assert result.steps_done == 4
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    saved_pipelines, image_folder, tmp_path, monkeypatch
+):
+    original = DistillationObjective.forward
+
+    def poisoned(self, images, captions, seeds):
+        terms = original(self, images, captions, seeds)
+        if seeds[0][1] >= 2:  # from the third step on
+            terms = {**terms, "teacher": terms["teacher"] * float("nan")}
+            terms["total"] = terms["total"] + terms["teacher"]
+        return terms
+
+    monkeypatch.setattr(DistillationObjective, "forward", poisoned)
+    with pytest.raises(
+        DeltaConvError, match="loss term 'teacher' is nan at step 3; stopped, the last good checkpoint"
+    ):
+        run(saved_pipelines["sd1"], image_folder, tmp_path / "run")
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000002"]
+
+
+def test_out_of_memory_suggests_smaller_batches(saved_pipelines, image_folder, tmp_path, monkeypatch):
+    def oom(self, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(DistillationObjective, "forward", oom)
+    with pytest.raises(DeltaConvError, match="out of memory at batch size 4: lower --batch-size and raise"):
+        run(saved_pipelines["sd1"], image_folder, tmp_path / "run")
+
+
+def cli_error(*args):
+    result = runner.invoke(app, ["distill", *map(str, args), "--recipe", "demo"])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_clear_errors(saved_pipelines, image_folder, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "has no metadata.jsonl" in cli_error(
+        saved_pipelines["sd1"], "--data", empty, "--out", tmp_path / "a"
+    )
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "ok"}\nnot json\n')
+    Image.new("RGB", (8, 8)).save(bad / "x.png")
+    assert "metadata.jsonl line 2: expected a JSON object" in cli_error(
+        saved_pipelines["sd1"], "--data", bad, "--out", tmp_path / "b"
+    )
+    assert "--steps must be a positive number, got 0" in cli_error(
+        saved_pipelines["sd1"], "--data", image_folder, "--steps", "0", "--out", tmp_path / "c"
+    )
+    other = tmp_path / "other-adapter"
+    DeltaConvAdapter.construct_for(load_model(locate_model(saved_pipelines["sdxl"]))).save_pretrained(other)
+    message = cli_error(
+        saved_pipelines["sd1"], "--data", image_folder, "--adapter", other, "--out", tmp_path / "d"
+    )
+    assert "adapter does not match this model" in message
+    run(saved_pipelines["sd1"], image_folder, tmp_path / "done", steps=2)
+    assert "already holds a run; pass --resume" in cli_error(
+        saved_pipelines["sd1"], "--data", image_folder, "--out", tmp_path / "done"
+    )
+
+
+def test_linfusion_baseline_trains_in_the_same_harness(saved_pipelines, image_folder, tmp_path):
+    config = make_config("demo", mixer="linfusion", **TINY)
+    assert (config.teacher_weight, config.feature_weight, config.feature) == (0.5, 0.5, "attention_output")
+    result = distillation.distill(
+        str(saved_pipelines["sd1"]), str(image_folder), tmp_path / "lf", config, show_progress=False
+    )
+    saved = json.loads((result.adapter_path / "config.json").read_text())
+    assert saved["mixer"] == "linfusion"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(saved_pipelines, image_folder, tmp_path):
+    args = ["distill", str(saved_pipelines["sd1"]), "--data", str(image_folder), "--recipe", "demo"]
+    args += sum((["--set", f"{k}={v}"] for k, v in TINY.items()), [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+              "-m", "deltaconv_cli", *args, "--out", str(tmp_path / "two")]  # fmt: skip
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    single = subprocess.run([sys.executable, "-m", "deltaconv_cli", *args, "--out", str(tmp_path / "one")],
+                            env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stdout + single.stderr
+    one, two = (adapter_weights(tmp_path / name / "adapter") for name in ("one", "two"))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
