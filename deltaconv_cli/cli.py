@@ -32,6 +32,17 @@ JsonOption = Annotated[
 ]
 
 
+@app.callback()
+def quiet_libraries() -> None:
+    """Our progress bars and messages replace the libraries' loading bars and advisory logs."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+
+
 class Gate(str, Enum):
     scaled = "scaled"
     sigmoid = "sigmoid"
@@ -131,6 +142,270 @@ def convert(
         f"parameters: {report.params_before:,} before, {report.params_after:,} after "
         f"(attention {report.params_removed:,} removed, ΔConv blocks {report.params_added:,} added)\n"
         f"stride: latent pixels per token. Wrote {out} (adapter in {out / 'deltaconv'})."
+    )
+
+
+def _parse_settings(values: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs for DistillConfig fields, with values parsed as JSON where they parse."""
+    from dataclasses import fields
+
+    from .distill import DistillConfig
+
+    known = {f.name for f in fields(DistillConfig)}
+    settings = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in known:
+            raise DeltaConvError(
+                f"--set takes KEY=VALUE with KEY one of {', '.join(sorted(known))}; got {item!r}"
+            )
+        try:
+            settings[key] = json.loads(raw)
+        except ValueError:
+            settings[key] = raw
+    return settings
+
+
+@app.command()
+@user_errors
+def distill(
+    model: Annotated[
+        str, typer.Argument(help="Teacher pipeline (folder, hub id or demo) or a converted folder.")
+    ] = "demo",
+    data: Annotated[str, typer.Option(help="imagefolder with metadata.jsonl, or demo.")] = "demo",
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder: checkpoints, logs, adapter, report.")
+    ] = Path("runs/distill"),
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the recipe's).")] = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="sd15, sdxl, pixart-sigma, demo or a JSON file (default: by model).")
+    ] = None,
+    mixer: Annotated[str, typer.Option(help="deltaconv, or linfusion for the baseline.")] = "deltaconv",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT's last checkpoint.")] = False,
+    adapter: Annotated[Path | None, typer.Option(help="Start from this saved adapter.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch per micro-step.")] = None,
+    gradient_accumulation_steps: Annotated[int | None, typer.Option()] = None,
+    learning_rate: Annotated[float | None, typer.Option()] = None,
+    warmup_steps: Annotated[int | None, typer.Option()] = None,
+    max_grad_norm: Annotated[float | None, typer.Option()] = None,
+    mixed_precision: Annotated[str | None, typer.Option(help="no, fp16 or bf16.")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Training image size in pixels.")] = None,
+    caption_dropout: Annotated[float | None, typer.Option()] = None,
+    checkpoint_every: Annotated[int | None, typer.Option()] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")
+    ] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    kernel_size: Annotated[
+        list[str], typer.Option("--kernel-size", "-k", help="K for every layer, or STAGE=K (repeatable).")
+    ] = [],  # noqa: B006 - typer needs a literal default for list options
+    set_: Annotated[
+        list[str], typer.Option("--set", help="Any recipe setting: KEY=VALUE (repeatable).")
+    ] = [],  # noqa: B006
+    json_out: JsonOption = None,
+) -> None:
+    """Distil new blocks from the frozen teacher (DESIGN 1.3); runs under `accelerate launch` too."""
+    from . import distill as distillation
+    from .architectures import family_of
+    from .loading import locate_model
+
+    family = family_of(locate_model(model, config_only=True).meta_denoiser())
+    overrides = {
+        "steps": steps, "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
+        "learning_rate": learning_rate, "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm,
+        "mixed_precision": mixed_precision, "resolution": resolution, "caption_dropout": caption_dropout,
+        "checkpoint_every": checkpoint_every, "gradient_checkpointing": gradient_checkpointing, "seed": seed,
+        "kernel_sizes": _parse_kernel_sizes(kernel_size, None),
+    }  # fmt: skip
+    overrides.update(_parse_settings(set_))
+    config = distillation.make_config(
+        recipe or distillation.default_recipe(model, family), mixer, **overrides
+    )
+    result = distillation.distill(model, data, out, config, resume=resume, adapter=adapter)
+    if result.report is None:  # not the main process of a multi-process run
+        return
+    summary = {
+        "out": str(result.out),
+        "steps": result.steps_done,
+        "adapter": str(result.adapter_path),
+        **result.report,
+    }
+    write_json(json_out, summary)
+    if str(json_out) == "-":
+        return
+    table = Table(title=f"teacher agreement on {len(result.report['prompts'])} fixed prompts and seeds")
+    for column in ("student", "PSNR dB", "SSIM", "denoiser rel. error", "adherence"):
+        table.add_column(column, justify="right")
+    for name in ("converted", "distilled"):
+        row = result.report[name]
+        adherence = row.get("student_adherence")
+        table.add_row(
+            name, f"{row['psnr_db']:.2f}", f"{row['ssim']:.3f}", f"{row['denoiser_relative_error']:.3f}",
+            "-" if adherence is None else f"{adherence:.3f} (teacher {row['teacher_adherence']:.3f})",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"adapter: {result.adapter_path}  losses: {result.out / 'loss.png'}")
+    console.print(f"teacher / converted / distilled grid: {result.out / 'report.png'}")
+
+
+ModelArgument = Annotated[
+    str, typer.Argument(help="Converted folder, teacher pipeline (with --adapter), hub id, or demo.")
+]
+AdapterOption = Annotated[
+    Path | None, typer.Option(help="A saved adapter to mount (default: the model's own).")
+]
+DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if present).")]
+DtypeOption = Annotated[
+    str | None, typer.Option(help="float32, float16 or bfloat16 (default: fp16 on CUDA).")
+]
+
+
+def _prompt_list(prompt: list[str], prompts_file: Path | None) -> list[str]:
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise DeltaConvError(f"prompt file {prompts_file} not found")
+        prompt = [*prompt, *(line.strip() for line in prompts_file.read_text().splitlines() if line.strip())]
+    if not prompt:
+        raise DeltaConvError("give --prompt TEXT (repeatable) or --prompts FILE")
+    return prompt
+
+
+@app.command()
+@user_errors
+def sample(
+    model: ModelArgument = "demo",
+    adapter: AdapterOption = None,
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = [],  # noqa: B006
+    prompts_file: Annotated[
+        Path | None, typer.Option("--prompts", help="A file with one prompt per line.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    num_images: Annotated[
+        int, typer.Option("--num-images", "-n", help="Images per prompt (seeds seed..).")
+    ] = 1,
+    steps: Annotated[int, typer.Option(help="Sampler steps.")] = 20,
+    guidance: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance (default 7.5; demo 4).")
+    ] = None,
+    height: Annotated[int | None, typer.Option(help="Pixels (default: the model's native size).")] = None,
+    width: Annotated[int | None, typer.Option(help="Pixels (default: the model's native size).")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="ddim, euler, euler-a, dpm++, heun, pndm, unipc.")
+    ] = None,
+    negative_prompt: Annotated[str | None, typer.Option()] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and the grid.")] = Path(
+        "samples"
+    ),
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Also render the original with the same seeds.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per pipeline call.")] = 4,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    json_out: JsonOption = None,
+) -> None:
+    """Generate images (one PNG per prompt and seed, settings in its metadata, and a grid)."""
+    from .demo.teacher import RECOMMENDED_GUIDANCE
+    from .sampling import SampleSettings
+    from .sampling import sample as run_sample
+
+    if num_images < 1:
+        raise DeltaConvError(f"--num-images must be at least 1, got {num_images}")
+    guidance = guidance if guidance is not None else RECOMMENDED_GUIDANCE if model == "demo" else 7.5
+    settings = SampleSettings(steps, guidance, height, width, scheduler, negative_prompt)
+    seeds = list(range(seed, seed + num_images))
+    report = run_sample(
+        model, _prompt_list(prompt, prompts_file), seeds, out, settings, adapter=adapter, compare=compare,
+        device=device, dtype=dtype, batch_size=batch_size,
+    )  # fmt: skip
+    if report is None:  # not the main process of a multi-process run
+        return
+    from dataclasses import asdict
+
+    write_json(json_out, asdict(report))
+    if str(json_out) != "-":
+        console.print(
+            f"{len(report.images)} images ({report.system}, {report.scheduler}, "
+            f"{report.height}x{report.width}) in {report.out}; grid: {report.grid}"
+        )
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    model: ModelArgument = "demo",
+    adapter: Annotated[Path | None, typer.Option(help="ΔConv adapter (default: the model's own).")] = None,
+    linfusion_adapter: Annotated[
+        Path | None, typer.Option(help="LinFusion adapter (distill --mixer linfusion).")
+    ] = None,
+    original: Annotated[
+        bool, typer.Option("--original/--no-original", help="Include the original model.")
+    ] = True,
+    prompts: Annotated[
+        str, typer.Option(help="A prompt file, or demo:N (held-out demo captions).")
+    ] = "demo:200",
+    reference: Annotated[
+        str | None, typer.Option(help="Real-image folder, 'original', or demo (default on the demo).")
+    ] = None,
+    feature: Annotated[
+        str | None, typer.Option(help="FID features: inception or domain (demo default).")
+    ] = None,
+    clip: Annotated[str | None, typer.Option(help="Local CLIP model folder for CLIP score.")] = None,
+    seed: Annotated[int, typer.Option(help="Prompt i uses seed + i.")] = 0,
+    steps: Annotated[int, typer.Option()] = 20,
+    guidance: Annotated[float | None, typer.Option(help="Default 7.5; demo 4.")] = None,
+    height: Annotated[int | None, typer.Option()] = None,
+    width: Annotated[int | None, typer.Option()] = None,
+    scheduler: Annotated[str | None, typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    trajectory_prompts: Annotated[int, typer.Option(help="Prompts for the trajectory comparison.")] = 8,
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("eval"),
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    json_out: JsonOption = None,
+) -> None:
+    """Compare the original model, the ΔConv and the LinFusion student on the same prompts and seeds."""
+    from dataclasses import asdict
+
+    from .demo.teacher import RECOMMENDED_GUIDANCE
+    from .evaluation import EvalSettings, evaluate, read_prompts
+    from .profile import human_bytes
+
+    prompt_list, source = read_prompts(prompts)
+    guidance = guidance if guidance is not None else RECOMMENDED_GUIDANCE if model == "demo" else 7.5
+    settings = EvalSettings(steps, guidance, height, width, scheduler, seed, batch_size, feature, clip,
+                            trajectory_prompts)  # fmt: skip
+    quiet = str(json_out) == "-"
+    with err_console.status("evaluating", spinner="dots") as status:
+        report = evaluate(
+            model, prompt_list, out, settings, adapter=adapter, linfusion_adapter=linfusion_adapter,
+            include_original=original, reference=reference, device=device, dtype=dtype,
+            on_progress=None if quiet else status.update,
+        )  # fmt: skip
+    write_json(json_out, asdict(report))
+    if quiet:
+        return
+    size = f"{report.height}x{report.width}"
+    title = f"{report.model}: {report.prompts} prompts, {size}, {report.device} {report.dtype}"
+    table = Table(title=title)
+    columns = ["system", f"FID ({report.feature})", "CLIP", "PSNR vs orig.", "SSIM", "traj. rel. err."]
+    columns += ["adherence", "s / image", "peak memory"]
+    for column in columns:
+        table.add_column(column, justify="right")
+
+    def cell(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in report.systems:
+        table.add_row(
+            r.name, cell(r.fid, ".2f"), cell(r.clip_score, ".2f"), cell(r.psnr_db, ".2f"),
+            cell(r.ssim, ".3f"), cell(r.denoiser_relative_error, ".3f"), cell(r.adherence, ".3f"),
+            cell(r.seconds_per_image, ".3f"), human_bytes(r.peak_memory_bytes),
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"FID reference: {report.reference or 'none given'}; grid: {report.grid}; JSON: {out / 'eval.json'}"
     )
 
 
@@ -283,12 +558,7 @@ def _not_available(name: str, issue: str) -> Callable[[], None]:
     return command
 
 
-for _name, _what in (
-    ("distill", "teacher-student distillation"),
-    ("sample", "image generation"),
-    ("eval", "FID, CLIP score and agreement"),
-    ("analyze", "attention locality analysis"),
-):
+for _name, _what in (("analyze", "attention locality analysis"),):
     app.command(_name)(_not_available(_name, _what))
 
 

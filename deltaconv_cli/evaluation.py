@@ -1,0 +1,397 @@
+"""``deltaconv eval`` and teacher-student agreement: the original model, the ΔConv student and the
+LinFusion student on the same prompts and seeds (FID with clean-fid, CLIP score, PSNR/SSIM against the
+original, denoiser error along the trajectory, demo prompt adherence, time and memory per image)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .architectures import denoiser_of
+from .errors import DeltaConvError
+from .imaging import psnr, save_grid, ssim
+from .sampling import SampleSettings, generate, pipeline_images
+from .surgery import DeltaConvAdapter
+
+
+class TrajectoryComparison:
+    """While the teacher samples, also runs the student on the same denoiser inputs and records the
+    relative error ||student - teacher|| / ||teacher|| at every denoiser call."""
+
+    def __init__(self, adapter: DeltaConvAdapter) -> None:
+        self.adapter = adapter
+        self.errors: list[float] = []
+        self._inside = False
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._inside:
+            return
+        self._inside = True
+        try:
+            with self.adapter.bypassed(False):
+                student = module(*args, **kwargs)
+        finally:
+            self._inside = False
+        teacher = output[0] if isinstance(output, tuple) else output.sample
+        student = student[0] if isinstance(student, tuple) else student.sample
+        self.errors.append(float((student.float() - teacher.float()).norm() / teacher.float().norm()))
+
+
+def agreement_run(pipe: Any, adapter: DeltaConvAdapter, prompts: list[str], resolution: int | tuple[int, int],
+                  steps: int, guidance: float) -> dict[str, Any]:  # fmt: skip
+    """Teacher and student images for prompts with seeds 0..n-1, and how far apart they are."""
+    size = (resolution, resolution) if isinstance(resolution, int) else resolution
+    seeds = list(range(len(prompts)))
+    settings = SampleSettings(steps=steps, guidance=guidance)
+    comparison = TrajectoryComparison(adapter)
+    handle = denoiser_of(pipe).register_forward_hook(comparison, with_kwargs=True)
+    try:
+        with adapter.bypassed():
+            teacher = generate(pipe, prompts, seeds, size, settings)
+    finally:
+        handle.remove()
+    student = generate(pipe, prompts, seeds, size, settings)
+    result: dict[str, Any] = {
+        "psnr_db": psnr(teacher, student),
+        "ssim": ssim(teacher, student),
+        "denoiser_relative_error": float(np.mean(comparison.errors)),
+        "teacher_images": teacher,
+        "student_images": student,
+    }
+    adherence = domain_adherence(prompts, teacher, student)
+    if adherence is not None:
+        result["teacher_adherence"], result["student_adherence"] = adherence
+    return result
+
+
+def domain_adherence(prompts: list[str], *image_sets: list[np.ndarray]) -> tuple[float, ...] | None:
+    """Mean prompt adherence of each image set, when every prompt is a demo-domain caption."""
+    from .demo import domain
+
+    try:
+        for prompt in prompts:
+            domain.parse_caption(prompt)
+    except ValueError:
+        return None
+    return tuple(
+        float(np.mean([domain.check(image, prompt) for image, prompt in zip(images, prompts, strict=True)]))
+        for images in image_sets
+    )
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+INCEPTION_FILE = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid looks for its Inception weights
+INCEPTION_URL = (
+    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+)
+
+
+class _DomainFeatures(torch.nn.Module):
+    """The demo extractor in clean-fid's calling convention: images in [0, 255], features out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from .demo.extractor import DomainFeatureExtractor
+        from .loading import demo_path
+
+        self.extractor = DomainFeatureExtractor.from_pretrained(demo_path("extractor")).eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extractor.features(images / 255)
+
+
+def folder_features(folder: Path, feature: str, device: torch.device) -> np.ndarray:
+    """clean-fid features of every image in ``folder``: its Inception, or the demo domain's extractor."""
+    from cleanfid.fid import build_feature_extractor, get_folder_features
+    from cleanfid.resize import make_resizer
+
+    if feature == "inception":
+        if not INCEPTION_FILE.is_file():
+            raise DeltaConvError(
+                f"clean-fid's Inception weights are not on this machine: download {INCEPTION_URL} to "
+                f"{INCEPTION_FILE}, or use --feature domain"
+            )
+        model = build_feature_extractor("clean", device, use_dataparallel=False)
+        return get_folder_features(
+            str(folder), model, num_workers=0, device=device, mode="clean", verbose=False
+        )
+    if feature != "domain":
+        raise DeltaConvError(f"feature must be inception or domain, got {feature!r}")
+    resize = make_resizer("PIL", False, "bicubic", (64, 64))
+    return get_folder_features(str(folder), _DomainFeatures().to(device), num_workers=0, device=device,
+                               mode="clean", custom_fn_resize=resize, verbose=False)  # fmt: skip
+
+
+def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    from cleanfid.fid import fid_from_feats
+
+    return float(fid_from_feats(features_a, features_b))
+
+
+@dataclass
+class EvalSettings:
+    steps: int = 20
+    guidance: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    scheduler: str | None = None
+    seed: int = 0  # prompt i uses seed + i
+    batch_size: int = 8
+    feature: str | None = None  # default: domain on the demo, inception otherwise
+    clip_model: str | None = None
+    trajectory_prompts: int = 8
+    timing_images: int = 2
+
+
+@dataclass
+class SystemResult:
+    name: str
+    adapter: str | None
+    images: int
+    reused: bool
+    fid: float | None = None
+    clip_score: float | None = None
+    psnr_db: float | None = None  # vs the original, same prompts and seeds
+    ssim: float | None = None
+    denoiser_relative_error: float | None = None
+    adherence: float | None = None
+    seconds_per_image: float | None = None
+    peak_memory_bytes: int | None = None
+
+
+@dataclass
+class EvalReport:
+    model: str
+    out: str
+    prompts: int
+    reference: str | None
+    feature: str | None
+    height: int
+    width: int
+    device: str
+    dtype: str
+    settings: dict[str, Any]
+    systems: list[SystemResult] = field(default_factory=list)
+    grid: str | None = None
+    reference_fid_floor: float | None = None  # FID of reference vs itself split in halves
+
+
+def read_prompts(spec: str) -> tuple[list[str], str | None]:
+    """``demo:N`` (N held-out demo captions; then the real renders are the reference) or a text file."""
+    from .demo import DEMO
+    from .demo.quality import held_out_captions
+
+    if spec.startswith(f"{DEMO}:"):
+        try:
+            count = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise DeltaConvError(f"--prompts {DEMO}:N takes a number, got {spec!r}") from None
+        return held_out_captions(count)[0], DEMO
+    path = Path(spec)
+    if not path.is_file():
+        raise DeltaConvError(f"prompt file {spec} not found (or use {DEMO}:N for held-out demo captions)")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise DeltaConvError(f"prompt file {spec} holds no prompts")
+    return prompts, None
+
+
+def _fingerprint(settings: dict[str, Any], adapter: str | None) -> dict[str, Any]:
+    digest = None
+    if adapter is not None:
+        digest = hashlib.sha256(
+            (Path(adapter) / "diffusion_pytorch_model.safetensors").read_bytes()
+        ).hexdigest()
+    return {**settings, "adapter": adapter, "adapter_sha256": digest}
+
+
+def _cached(folder: Path, fingerprint: dict[str, Any], count: int) -> bool:
+    marker = folder / "settings.json"
+    return (
+        marker.is_file()
+        and json.loads(marker.read_text()) == json.loads(json.dumps(fingerprint))
+        and all((folder / f"{i:05d}.png").is_file() for i in range(count))
+    )
+
+
+def _load_images(folder: Path, count: int) -> list[np.ndarray]:
+    return [np.asarray(Image.open(folder / f"{i:05d}.png").convert("RGB")) for i in range(count)]
+
+
+def _timing(pipe: Any, prompt: str, size: tuple[int, int], settings: SampleSettings, count: int,
+            device: torch.device) -> tuple[float, int]:  # fmt: skip
+    """Median wall-clock seconds per image (after one warm-up) and peak memory of one image."""
+    from .profile import Timer
+
+    timer = Timer(device, torch.float32, max(count, 1), budget_s=float("inf"))
+    run = partial(pipeline_images, pipe, [prompt], [0], size, settings)
+    return timer.latency_ms(run) / 1e3, timer.peak_bytes(run)
+
+
+def evaluate(
+    model: str,
+    prompts: list[str],
+    out: str | Path,
+    settings: EvalSettings,
+    *,
+    adapter: str | Path | None = None,
+    linfusion_adapter: str | Path | None = None,
+    include_original: bool = True,
+    reference: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> EvalReport:
+    """Generate the prompts with each system (reusing images whose settings match) and compare them."""
+    from .demo import DEMO
+    from .loading import load_adapter
+    from .sampling import load_for_sampling, resolve_size, save_png, set_scheduler
+
+    note = on_progress or (lambda message: None)
+    out = Path(out)
+    loaded = load_for_sampling(model, None, device, dtype)
+    if loaded.adapter is not None and adapter is None:
+        adapter = loaded.adapter_path
+    if loaded.adapter is not None:
+        loaded.adapter.unmount()
+    students = {
+        name: str(path) for name, path in (("deltaconv", adapter), ("linfusion", linfusion_adapter)) if path
+    }
+    systems = (["original"] if include_original else []) + list(students)
+    if not systems:
+        raise DeltaConvError(
+            "nothing to evaluate: give --adapter and/or --linfusion-adapter, or keep the original"
+        )
+    pipe, dev = loaded.pipe, denoiser_of(loaded.pipe).device
+    size = resolve_size(loaded, settings.height, settings.width)
+    scheduler = set_scheduler(pipe, settings.scheduler)
+    sample_settings = SampleSettings(
+        steps=settings.steps, guidance=settings.guidance, height=size[0], width=size[1]
+    )
+    seeds = [settings.seed + i for i in range(len(prompts))]
+    generation = {
+        "model": str(model),
+        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "seed": settings.seed,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "size": list(size),
+        "scheduler": scheduler,
+        "device": str(dev),
+        "dtype": str(denoiser_of(pipe).dtype),
+    }
+    feature = settings.feature or ("domain" if str(model) == DEMO else "inception")
+    report = EvalReport(str(model), str(out), len(prompts), reference, feature, *size, str(dev),
+                        generation["dtype"], {**asdict(settings), "scheduler": scheduler})  # fmt: skip
+    images: dict[str, list[np.ndarray]] = {}
+    for name in systems:
+        path = students.get(name)
+        blocks = load_adapter(path).mount(pipe) if path else None
+        if blocks is not None and blocks.config.mixer != name:
+            raise DeltaConvError(f"{path} holds {blocks.config.mixer} blocks, not {name}")
+        folder = out / "images" / name
+        fingerprint = _fingerprint(generation, path)
+        reused = _cached(folder, fingerprint, len(prompts))
+        if reused:
+            note(f"reusing {len(prompts)} images of {name} (same settings)")
+            images[name] = _load_images(folder, len(prompts))
+        else:
+            note(f"generating {len(prompts)} images with {name}")
+            shutil.rmtree(folder, ignore_errors=True)
+            images[name] = generate(pipe, prompts, seeds, size, sample_settings, settings.batch_size)
+            for i, image in enumerate(images[name]):
+                save_png(
+                    image,
+                    folder / f"{i:05d}.png",
+                    {**generation, "system": name, "prompt": prompts[i], "seed": seeds[i]},
+                )
+            (folder / "settings.json").write_text(json.dumps(fingerprint, indent=1))
+        result = SystemResult(name, path, len(prompts), reused)
+        note(f"timing {name}")
+        result.seconds_per_image, result.peak_memory_bytes = _timing(pipe, prompts[0], size, sample_settings,
+                                                                     settings.timing_images, dev)  # fmt: skip
+        if blocks is not None and settings.trajectory_prompts > 0:
+            note(f"comparing {name} with the original along the trajectory")
+            subset = prompts[: settings.trajectory_prompts]
+            comparison = TrajectoryComparison(blocks)
+            handle = denoiser_of(pipe).register_forward_hook(comparison, with_kwargs=True)
+            try:
+                with blocks.bypassed():
+                    generate(pipe, subset, seeds[: len(subset)], size, sample_settings, settings.batch_size)
+            finally:
+                handle.remove()
+            result.denoiser_relative_error = float(np.mean(comparison.errors))
+        if blocks is not None:
+            blocks.unmount()
+        report.systems.append(result)
+
+    _compare(report, images, prompts, out, reference, feature, dev, settings, note)
+    return report
+
+
+def _compare(report: EvalReport, images: dict[str, list[np.ndarray]], prompts: list[str], out: Path,
+             reference: str | None, feature: str, device: torch.device, settings: EvalSettings,
+             note: Callable[[str], None]) -> None:  # fmt: skip
+    """Fill in FID, CLIP score, agreement with the original and demo adherence; write the grid."""
+    from .demo import DEMO
+    from .demo.quality import HELD_OUT_SEED, real_images
+
+    reference_folder = None
+    if reference is None and report.model == DEMO:
+        reference = "demo"
+    if reference == "original":
+        if "original" not in images:
+            raise DeltaConvError("--reference original needs the original model among the systems")
+        reference_folder = out / "images" / "original"
+    elif reference == DEMO:  # real renders of the very scenes the held-out captions describe
+        reference_folder = out / "images" / "real"
+        reals = real_images(HELD_OUT_SEED, len(prompts))
+        reference_folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(reals):
+            Image.fromarray(image).save(reference_folder / f"{i:05d}.png")
+    elif reference is not None:
+        reference_folder = Path(reference)
+        if not reference_folder.is_dir():
+            raise DeltaConvError(f"reference folder {reference} not found")
+    report.reference = reference
+    if reference_folder is not None:
+        note(f"computing {feature} features")
+        reference_features = folder_features(reference_folder, feature, device)
+        for result in report.systems:
+            result.fid = fid(
+                folder_features(out / "images" / result.name, feature, device), reference_features
+            )
+    if settings.clip_model:
+        note("computing CLIP scores")
+        from torchmetrics.multimodal.clip_score import CLIPScore
+
+        try:
+            metric = CLIPScore(model_name_or_path=settings.clip_model)
+        except Exception as err:  # transformers raises several types for a bad folder
+            raise DeltaConvError(f"cannot load the CLIP model at {settings.clip_model}: {err}") from None
+        for result in report.systems:
+            batch = torch.from_numpy(np.stack(images[result.name])).permute(0, 3, 1, 2)
+            result.clip_score = float(metric(batch, prompts))
+            metric.reset()
+    for result in report.systems:
+        if result.name != "original" and "original" in images:
+            result.psnr_db = psnr(images["original"], images[result.name])
+            result.ssim = ssim(images["original"], images[result.name])
+        adherence = domain_adherence(prompts, images[result.name])
+        result.adherence = adherence[0] if adherence else None
+    rows = [[images[r.name][i] for r in report.systems] for i in range(min(8, len(prompts)))]
+    report.grid = str(out / "grid.png")
+    scale = max(1, 128 // report.height)
+    save_grid(rows, Path(report.grid), [r.name for r in report.systems], prompts[:8], scale=scale)
+    (out / "eval.json").write_text(json.dumps(asdict(report), indent=2) + "\n")

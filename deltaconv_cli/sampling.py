@@ -1,0 +1,277 @@
+"""``deltaconv sample``: images from a converted model (and from the original with the same seeds).
+
+Each image has its own CPU generator seeded by its seed, so an image depends only on (prompt, seed,
+settings, device), not on batching or on how many processes share the work. Under ``accelerate launch``
+the (prompt, seed) jobs are split between processes with accelerate's ``split_between_processes``.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from . import __version__
+from .architectures import denoiser_of, latent_stride
+from .errors import DeltaConvError
+from .imaging import save_grid, to_uint8
+from .loading import load_adapter, load_model, locate_model
+from .progress import advance, progress_bar
+from .surgery import DeltaConvAdapter
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler-a": EulerAncestralDiscreteScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "heun": HeunDiscreteScheduler,
+    "pndm": PNDMScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+
+
+@dataclass
+class SampleSettings:
+    steps: int = 20
+    guidance: float = 7.5
+    height: int | None = None  # default: the model's native size
+    width: int | None = None
+    scheduler: str | None = None  # default: the pipeline's own
+    negative_prompt: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    pipe: Any
+    adapter: DeltaConvAdapter | None
+    model: str
+    adapter_path: str | None
+    vae_factor: int
+
+    @property
+    def system(self) -> str:
+        return self.adapter.config.mixer if self.adapter is not None else "original"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_for_sampling(
+    model: str, adapter: str | Path | None = None, device: str | None = None, dtype: str | None = None
+) -> LoadedModel:
+    """The pipeline of ``model`` with its adapter mounted: ``adapter`` if given, else the converted
+    folder's own; a model without either samples as the original."""
+    device = device or default_device()
+    if dtype is None:
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise DeltaConvError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeltaConvError("--device cuda asked for, but no CUDA device is available")
+    folder = locate_model(model)
+    if not folder.is_pipeline:
+        raise DeltaConvError(f"{model} is a bare denoiser; sampling needs a whole pipeline")
+    pipe = load_model(folder, torch_dtype=torch_dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    path = Path(adapter) if adapter is not None else folder.adapter_path if folder.is_converted else None
+    blocks = load_adapter(path).mount(pipe) if path is not None else None
+    return LoadedModel(pipe, blocks, str(model), str(path) if path else None, folder.vae_factor)
+
+
+def resolve_size(loaded: LoadedModel, height: int | None, width: int | None) -> tuple[int, int]:
+    """The requested size, or the model's native one; a clear error for sizes the model cannot take."""
+    denoiser = denoiser_of(loaded.pipe)
+    native = denoiser.config.sample_size
+    native = native if isinstance(native, int) else native[0]
+    height = height or native * loaded.vae_factor
+    width = width or native * loaded.vae_factor
+    step = loaded.vae_factor * latent_stride(denoiser)
+    if height <= 0 or width <= 0 or height % step or width % step:
+        examples = ", ".join(str(step * k) for k in (1, 2, 4, 8))
+        raise DeltaConvError(
+            f"{height}x{width} does not fit this model: height and width must be multiples of {step} "
+            f"(e.g. {examples}, ...; native {native * loaded.vae_factor})"
+        )
+    return height, width
+
+
+def set_scheduler(pipe: Any, name: str | None) -> str:
+    if name is None:
+        return type(pipe.scheduler).__name__
+    if name not in SCHEDULERS:
+        raise DeltaConvError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+    return type(pipe.scheduler).__name__
+
+
+def pipeline_images(pipe: Any, prompts: list[str], seeds: list[int], size: tuple[int, int],
+                    settings: SampleSettings) -> list[np.ndarray]:  # fmt: skip
+    """uint8 images for (prompt, seed) pairs, each latent drawn from a CPU generator seeded by its seed
+    (so an image does not depend on what else is in the batch)."""
+    extra: dict[str, Any] = {}
+    if "use_resolution_binning" in _call_parameters(pipe):  # PixArt would otherwise snap to its own sizes
+        extra["use_resolution_binning"] = False
+    if settings.negative_prompt is not None:
+        extra["negative_prompt"] = [settings.negative_prompt] * len(prompts)
+    output = pipe(
+        prompts,
+        height=size[0],
+        width=size[1],
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        output_type="np",
+        **extra,
+    )
+    return [to_uint8(image) for image in output.images]
+
+
+def generate(pipe: Any, prompts: list[str], seeds: list[int], size: tuple[int, int], settings: SampleSettings,
+             batch_size: int = 8) -> list[np.ndarray]:  # fmt: skip
+    """:func:`pipeline_images` in batches of ``batch_size``."""
+    images: list[np.ndarray] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        images += pipeline_images(pipe, prompts[chunk], seeds[chunk], size, settings)
+    return images
+
+
+def _call_parameters(pipe: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(type(pipe).__call__).parameters)
+
+
+def image_name(prompt_index: int, seed: int) -> str:
+    return f"p{prompt_index:05d}-s{seed}.png"
+
+
+def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any]) -> None:
+    """PNG with every generation setting in its text chunks."""
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, str(value))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, pnginfo=info)
+
+
+@dataclass
+class SampleReport:
+    out: str
+    model: str
+    adapter: str | None
+    system: str
+    scheduler: str
+    height: int
+    width: int
+    settings: dict[str, Any]
+    images: list[dict[str, Any]] = field(default_factory=list)
+    grid: str | None = None
+
+
+def sample(
+    model: str,
+    prompts: list[str],
+    seeds: list[int],
+    out: str | Path,
+    settings: SampleSettings,
+    *,
+    adapter: str | Path | None = None,
+    compare: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int = 4,
+    show_progress: bool = True,
+) -> SampleReport | None:
+    """Write one PNG per (prompt, seed) to ``out`` (and to ``out/original`` with ``compare``), and a grid.
+
+    Returns the report on the main process (None on the others of a multi-process run)."""
+    from accelerate import PartialState
+
+    if not prompts:
+        raise DeltaConvError("no prompts given")
+    state = PartialState()
+    loaded = load_for_sampling(model, adapter, device or str(state.device), dtype)
+    if compare and loaded.adapter is None:
+        raise DeltaConvError(
+            "--compare needs a ΔConv adapter: this model has none, so it already is the original"
+        )
+    size = resolve_size(loaded, settings.height, settings.width)
+    scheduler = set_scheduler(loaded.pipe, settings.scheduler)
+    out = Path(out)
+    jobs = [(i, prompt, seed) for i, prompt in enumerate(prompts) for seed in seeds]
+    systems = [loaded.system, "original"] if compare else [loaded.system]
+    base = {"model": loaded.model, "adapter": loaded.adapter_path, "steps": settings.steps,
+            "guidance": settings.guidance, "scheduler": scheduler, "height": size[0], "width": size[1],
+            "negative_prompt": settings.negative_prompt, "deltaconv": __version__}  # fmt: skip
+    with (
+        state.split_between_processes(jobs) as mine,
+        progress_bar(not show_progress or not state.is_main_process) as bar,
+    ):
+        task = bar.add_task("sampling", total=len(mine) * len(systems), status="")
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            for system in systems:
+                with loaded.adapter.bypassed() if system == "original" else nullcontext():
+                    images = pipeline_images(
+                        loaded.pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk], size, settings
+                    )
+                folder = out / "original" if system == "original" and compare else out
+                for (index, prompt, seed), image in zip(chunk, images, strict=True):
+                    save_png(
+                        image,
+                        folder / image_name(index, seed),
+                        {**base, "system": system, "prompt": prompt, "seed": seed},
+                    )
+                advance(bar, task, system, steps=len(chunk))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    report = SampleReport(str(out), loaded.model, loaded.adapter_path, loaded.system, scheduler, *size,
+                          asdict(settings))  # fmt: skip
+    report.images = [
+        {"prompt_index": i, "prompt": p, "seed": s, "file": image_name(i, s)} for i, p, s in jobs
+    ]
+    report.grid = str(out / "grid.png")
+    _write_grid(out, prompts, seeds, compare, loaded.system, Path(report.grid))
+    (out / "samples.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report
+
+
+def _write_grid(
+    out: Path, prompts: list[str], seeds: list[int], compare: bool, system: str, path: Path
+) -> None:
+    """Rows: the first 16 prompts; columns: the first 8 seeds (original | ΔConv side by side with compare)."""
+    rows, labels = [], []
+    shown_seeds = seeds[:8]
+    for index, prompt in enumerate(prompts[:16]):
+        row = []
+        for seed in shown_seeds:
+            if compare:
+                row.append(np.asarray(Image.open(out / "original" / image_name(index, seed)).convert("RGB")))
+            row.append(np.asarray(Image.open(out / image_name(index, seed)).convert("RGB")))
+        rows.append(row)
+        labels.append(prompt)
+    columns = [
+        f"{name} s{seed}" for seed in shown_seeds for name in (["original", system] if compare else [system])
+    ]
+    height = rows[0][0].shape[0]
+    save_grid(rows, path, columns, labels, scale=max(1, 128 // height))

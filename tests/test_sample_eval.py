@@ -1,0 +1,186 @@
+"""`deltaconv sample` and `deltaconv eval` on tiny converted pipelines, and the metrics they rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+from typer.testing import CliRunner
+
+from deltaconv_cli.cli import app
+from deltaconv_cli.demo.quality import real_images
+from deltaconv_cli.evaluation import INCEPTION_FILE, fid, folder_features
+from deltaconv_cli.imaging import psnr, ssim, to_uint8
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def converted(saved_pipelines, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "sd1"
+    assert runner.invoke(app, ["convert", str(saved_pipelines["sd1"]), "-o", str(out)]).exit_code == 0
+    return out
+
+
+def sample(*args):
+    result = runner.invoke(app, ["sample", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_sample_is_deterministic_and_independent_of_batching(converted, tmp_path):
+    common = [converted, "-p", "a red circle", "-p", "a blue square", "-n", "2", "--steps", "2"]
+    sample(*common, "--out", tmp_path / "a", "--batch-size", "4")
+    sample(*common, "--out", tmp_path / "b", "--batch-size", "1")
+    names = sorted(p.name for p in (tmp_path / "a").glob("p*.png"))
+    assert names == ["p00000-s0.png", "p00000-s1.png", "p00001-s0.png", "p00001-s1.png"]
+    for name in names:
+        assert np.array_equal(pixels(tmp_path / "a" / name), pixels(tmp_path / "b" / name))
+    assert not np.array_equal(pixels(tmp_path / "a" / names[0]), pixels(tmp_path / "a" / names[1]))
+    info = Image.open(tmp_path / "a" / names[1]).text
+    assert (info["prompt"], info["seed"], info["steps"], info["system"]) == (
+        "a red circle",
+        "1",
+        "2",
+        "deltaconv",
+    )
+    assert (tmp_path / "a" / "grid.png").is_file() and (tmp_path / "a" / "samples.json").is_file()
+
+
+def test_compare_renders_the_original_with_the_same_seeds(converted, saved_pipelines, tmp_path):
+    sample(converted, "-p", "a green cat", "--seed", "7", "--steps", "2", "--height", "32", "--width", "48",
+           "--compare", "--scheduler", "ddim", "--out", tmp_path)  # fmt: skip
+    plain = DiffusionPipeline.from_pretrained(saved_pipelines["sd1"])
+    plain.scheduler = type(plain.scheduler).from_config(plain.scheduler.config)
+    generator = [torch.Generator().manual_seed(7)]
+    call = {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 32, "width": 48, "output_type": "np"}
+    expected = plain("a green cat", generator=generator, **call).images[0]
+    original = pixels(tmp_path / "original" / "p00000-s7.png")
+    assert original.shape == (32, 48, 3)
+    assert np.abs(original.astype(int) - to_uint8(expected).astype(int)).max() <= 1
+    assert not np.array_equal(original, pixels(tmp_path / "p00000-s7.png"))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++"])
+def test_schedulers_by_name(converted, tmp_path, scheduler):
+    result = sample(
+        converted, "-p", "a cat", "--steps", "2", "--scheduler", scheduler, "--out", tmp_path, "--json", "-"
+    )
+    assert json.loads(result.stdout)["scheduler"].lower().startswith(scheduler[:4].replace("+", ""))
+
+
+def test_sample_errors(converted, tmp_path):
+    result = runner.invoke(
+        app, ["sample", str(converted), "-p", "x", "--height", "30", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 1
+    assert "must be multiples of 8 (e.g. 8, 16, 32, 64" in result.stderr
+    result = runner.invoke(
+        app, ["sample", str(converted), "-p", "x", "--scheduler", "magic", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 1 and "unknown scheduler 'magic'; choose one of ddim" in result.stderr
+    result = runner.invoke(app, ["sample", str(converted), "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "give --prompt TEXT" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_prompts(converted, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "\n".join(["a red circle", "a blue square", "a green cat", "the cat", "a photo"]) + "\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m",
+               "deltaconv_cli", "sample", str(converted), "--prompts", str(prompts), "--steps", "1",
+               "--out", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = sorted(p.name for p in (tmp_path / "out").glob("p*.png"))
+    assert files == [f"p{i:05d}-s0.png" for i in range(5)]
+    prompts_seen = [Image.open(tmp_path / "out" / f).text["prompt"] for f in files]
+    assert prompts_seen == prompts.read_text().split("\n")[:5]
+
+
+def _write(folder, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def test_fid_with_the_domain_extractor(tmp_path):
+    images = real_images(11, 120)
+    rng = np.random.default_rng(0)
+
+    def noisy(sigma):
+        return [np.clip(im + rng.normal(0, sigma, im.shape), 0, 255).astype(np.uint8) for im in images]
+
+    device = torch.device("cpu")
+    clean = folder_features(_write(tmp_path / "clean", images), "domain", device)
+    same = folder_features(_write(tmp_path / "same", images), "domain", device)
+    light = folder_features(_write(tmp_path / "light", noisy(8)), "domain", device)
+    heavy = folder_features(_write(tmp_path / "heavy", noisy(40)), "domain", device)
+    assert fid(clean, same) == pytest.approx(0.0, abs=1e-6)
+    assert 0 < fid(clean, light) < fid(clean, heavy)
+
+
+def test_agreement_metrics_are_exact_on_identical_images():
+    images = real_images(12, 10)
+    assert psnr(images, images) == float("inf")
+    assert ssim(images, images) == pytest.approx(1.0, abs=1e-9)
+    other = real_images(13, 10)
+    assert psnr(images, other) < 30 and ssim(images, other) < 1
+
+
+@pytest.mark.skipif(INCEPTION_FILE.exists(), reason="Inception weights are present on this machine")
+def test_missing_inception_weights_is_one_clear_line(converted, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    result = runner.invoke(app, ["eval", str(converted), "--prompts", str(prompts), "--reference", "original",
+                                 "--steps", "1", "--out", str(tmp_path / "e")])  # fmt: skip
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "clean-fid's Inception weights are not on this machine" in lines[0]
+
+
+def test_eval_end_to_end_and_reuse(converted, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\na green cat\nthe cat\n")
+    args = [
+        "eval",
+        str(converted),
+        "--prompts",
+        str(prompts),
+        "--reference",
+        "original",
+        "--feature",
+        "domain",
+    ]
+    args += ["--steps", "2", "--trajectory-prompts", "2", "--out", str(tmp_path / "e"), "--json", "-"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.stdout)
+    systems = {s["name"]: s for s in report["systems"]}
+    assert set(systems) == {"original", "deltaconv"}
+    assert systems["original"]["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert systems["deltaconv"]["psnr_db"] < 100 and 0 < systems["deltaconv"]["denoiser_relative_error"]
+    assert systems["deltaconv"]["seconds_per_image"] > 0 and systems["deltaconv"]["peak_memory_bytes"] > 0
+    assert not any(s["reused"] for s in report["systems"])
+    second = runner.invoke(app, args[:-2])
+    assert second.exit_code == 0, second.output
+    assert (
+        "reused the 4 images of original" in second.stdout
+        and "reused the 4 images of deltaconv" in second.stdout
+    )
+    assert (tmp_path / "e" / "grid.png").is_file()
