@@ -409,6 +409,87 @@ def eval_command(
     )
 
 
+@app.command()
+@user_errors
+def analyze(
+    model: ModelArgument = "demo",
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = [],  # noqa: B006
+    prompts_file: Annotated[
+        Path | None, typer.Option("--prompts", help="A file with one prompt per line.")
+    ] = None,
+    timesteps: Annotated[
+        list[str], typer.Option(help="Timestep band edges, e.g. 333,666 (bands [0,333), [333,666), [666,T)).")
+    ] = ["333,666"],  # noqa: B006
+    res: Annotated[tuple[int, int] | None, typer.Option("--res", help="Height and width in pixels.")] = None,
+    layers: Annotated[
+        list[str], typer.Option("--layers", help="Only these layers or stages (repeatable).")
+    ] = [],  # noqa: B006
+    queries: Annotated[
+        int, typer.Option(help="Query positions sampled per layer and call (all if fewer).")
+    ] = 256,
+    steps: Annotated[int, typer.Option()] = 20,
+    guidance: Annotated[float | None, typer.Option(help="Default 7.5; demo 4.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("analysis"),
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    json_out: JsonOption = None,
+) -> None:
+    """Measure how local each self-attention layer is during real sampling; recommend kernel sizes."""
+    from .analyze import analyze as run_analysis
+    from .analyze import short_name, write_outputs
+    from .demo.teacher import RECOMMENDED_GUIDANCE
+
+    try:
+        edges = [int(edge) for text in timesteps for edge in text.split(",") if edge.strip()]
+    except ValueError:
+        raise DeltaConvError(f"--timesteps takes integers, got {timesteps}") from None
+    if not prompt and prompts_file is None and model == "demo":
+        prompt = [
+            "a red circle at the top left and a blue square at the bottom right",
+            "three green triangles",
+        ]
+    guidance = guidance if guidance is not None else RECOMMENDED_GUIDANCE if model == "demo" else 7.5
+    height, width = res if res is not None else (None, None)
+    with err_console.status("sampling and recording attention", spinner="dots"):
+        report = run_analysis(
+            model, _prompt_list(prompt, prompts_file), height=height, width=width, steps=steps,
+            guidance=guidance, band_edges=edges, layers=layers or None, queries=queries, seed=seed,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+    paths = write_outputs(report, out)
+    from dataclasses import asdict
+
+    write_json(json_out, asdict(report))
+    if str(json_out) == "-":
+        return
+    title = f"{report.model}: self-attention locality ({len(report.prompts)} prompts, {report.steps} steps)"
+    table = Table(title=title)
+    columns = ["layer", "band", "grid", "queries", "r50", "r90", "r90 uniform", "alpha (R²)", "global"]
+    for column in [*columns, "ΔConv k", "coverage", "rec. k", "local"]:
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in report.layers:
+        alpha, r2 = layer.power_law_exponent, layer.power_law_r2
+        radii, uniform = layer.radii, layer.uniform_radii
+        table.add_row(
+            short_name(layer.name), layer.band, f"{layer.grid[0]}x{layer.grid[1]}", str(layer.queries),
+            f"{radii['r50']:.1f}", f"{radii['r90']:.1f}", f"{uniform['r90']:.1f}",
+            "-" if alpha is None else f"{alpha:.2f} ({r2:.2f})", f"{layer.global_share:.1%}",
+            str(layer.kernel_size), f"{layer.delta_conv_coverage:.1%}", str(layer.recommended_kernel_size),
+            "yes" if layer.local else "no",
+        )  # fmt: skip
+    console.print(table)
+    current = report.current_kernel_sizes
+    advice = ", ".join(
+        f"{stage} {k} (now {current[stage]})" for stage, k in report.recommended_kernel_sizes.items()
+    )
+    console.print(f"recommended kernel sizes: {advice}")
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    console.print(
+        f"use them with: deltaconv convert {report.model} -o OUT --kernel-sizes {paths['kernel_sizes.json']}"
+    )
+
+
 def _looks_like_resolution(text: str) -> bool:
     return all(part.isdigit() for part in text.lower().replace(",", "x").split("x"))
 
@@ -548,18 +629,6 @@ def _print_profile(report: Any, measured: bool) -> None:
         )
     else:
         console.print(f"attention/ΔConv does not reach the paper's {report.paper_ratio:,}x below 65,536 px.")
-
-
-def _not_available(name: str, issue: str) -> Callable[[], None]:
-    def command() -> None:
-        raise fail(f"`deltaconv {name}` is not available yet in this version ({issue}).")
-
-    command.__doc__ = f"Not available yet: {issue}."
-    return command
-
-
-for _name, _what in (("analyze", "attention locality analysis"),):
-    app.command(_name)(_not_available(_name, _what))
 
 
 if __name__ == "__main__":
