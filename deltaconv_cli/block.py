@@ -6,7 +6,9 @@ It takes the place of a self-attention layer. Input and output are channels-last
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 GATES = ("scaled", "sigmoid")
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "DELTACONV_BACKEND"  # forces "torch" or "triton" for every block left at "auto"
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def scale_grid_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -33,6 +41,9 @@ class DeltaConvBlock(nn.Module):
         inter_ratio: C' / C, the width of the convolution branches.
         gate: ``"scaled"`` (a * g * sqrt(C'/2), the paper's scaled simple gate) or ``"sigmoid"``
             (a * sigmoid(g), the official PixArt variant).
+        backend: ``"auto"`` (Triton kernels on CUDA when Triton is installed, PyTorch otherwise, unless
+            the DELTACONV_BACKEND environment variable says "torch" or "triton"), ``"torch"`` or
+            ``"triton"``. Both compute the same function with the same parameters.
     """
 
     def __init__(
@@ -42,10 +53,13 @@ class DeltaConvBlock(nn.Module):
         scales: Sequence[float] = (1.0, 0.5),
         inter_ratio: float = 0.5,
         gate: str = "scaled",
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if gate not in GATES:
             raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
         scales = tuple(float(s) for s in scales)
@@ -61,6 +75,7 @@ class DeltaConvBlock(nn.Module):
         self.scales = scales
         self.inner_channels = inner
         self.gate = gate
+        self.backend = backend
         self.gate_scale = math.sqrt(inner / 2)
 
         self.proj_in = nn.Linear(channels, inner)
@@ -70,27 +85,59 @@ class DeltaConvBlock(nn.Module):
         self.proj_out = nn.Linear(len(scales) * inner // 2, channels)
         self.proj_global = nn.Linear(channels, channels)
 
-    def _gate(self, v: torch.Tensor) -> torch.Tensor:
-        a, g = v.chunk(2, dim=1)
+    def _gate(self, v: torch.Tensor, dim: int) -> torch.Tensor:
+        a, g = v.chunk(2, dim=dim)
         if self.gate == "scaled":
             return a * g * self.gate_scale
         return a * torch.sigmoid(g)
 
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the Triton kernels (see ``backend``)."""
+        choice = self.backend if self.backend != "auto" else os.environ.get(BACKEND_ENV, "auto")
+        if choice not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {choice!r}")
+        if choice == "triton" and not triton_available():
+            raise RuntimeError("the Triton backend was asked for, but triton is not installed")
+        return choice == "triton" or (choice == "auto" and x.is_cuda and triton_available())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix a ``(B, H, W, C)`` grid; returns the same shape."""
+        local = self._local_triton(x) if self.uses_triton(x) else self._local_torch(x)
+        return self.proj_out(local) + self.proj_global(x.mean(dim=(1, 2), keepdim=True))
+
+    def _local_torch(self, x: torch.Tensor) -> torch.Tensor:
         _, height, width, _ = x.shape
         # (B, C', H, W) view of channels-last memory: convolutions run in channels_last layout.
         u = self.proj_in(x).permute(0, 3, 1, 2)
         gated = []
         for scale, conv in zip(self.scales, self.convs, strict=True):
             u_s = u if scale == 1.0 else F.adaptive_avg_pool2d(u, scale_grid_size(height, width, scale))
-            z_s = self._gate(conv(u_s))
+            z_s = self._gate(conv(u_s), dim=1)
             if z_s.shape[-2:] != (height, width):
                 z_s = F.interpolate(z_s, size=(height, width), mode="bilinear", align_corners=False)
             gated.append(z_s)
-        y_local = self.proj_out(torch.cat(gated, dim=1).permute(0, 2, 3, 1))
-        y_global = self.proj_global(x.mean(dim=(1, 2), keepdim=True))
-        return y_local + y_global
+        return torch.cat(gated, dim=1).permute(0, 2, 3, 1)
+
+    def _local_triton(self, x: torch.Tensor) -> torch.Tensor:
+        from . import kernels  # imports triton; only on this path
+
+        ops = torch.ops.deltaconv
+        _, height, width, _ = x.shape
+        u = self.proj_in(x).contiguous()
+        gate = kernels.GATE_CODES[self.gate]
+        # Without autograd the full-scale gate runs inside the convolution's epilogue.
+        inference = not (torch.is_grad_enabled() and (u.requires_grad or self.convs[0].weight.requires_grad))
+        gated = []
+        for scale, conv in zip(self.scales, self.convs, strict=True):
+            if scale == 1.0 and inference:
+                gated.append(ops.dwconv2d_gate(u, conv.weight, conv.bias, gate, self.gate_scale))
+            elif scale == 1.0:
+                gated.append(self._gate(ops.dwconv2d(u, conv.weight, conv.bias), dim=-1))
+            else:
+                pooled = ops.avg_pool(u, *scale_grid_size(height, width, scale))
+                v = ops.dwconv2d(pooled, conv.weight, conv.bias)
+                gated.append(ops.gate_upsample(v, height, width, gate, self.gate_scale))
+        return torch.cat(gated, dim=-1)
 
     def extra_repr(self) -> str:
         return (

@@ -305,7 +305,8 @@ def train_teacher(out: Path, recipe: TeacherRecipe | None = None, work: Path | N
             latents_file = work / "latents.safetensors"
             if not latents_file.exists():
                 progress.console.print("encoding the training set to latents")
-                save_file({"latents": encode_latents(vae, images) * vae.config.scaling_factor}, latents_file)
+                latents = encode_latents(vae, images) * vae.config.scaling_factor
+                save_file({"latents": latents.contiguous()}, latents_file)
             latents = load_file(latents_file)["latents"]
             denoiser_parts = (parts["unet"], parts["text_encoder"], parts["tokenizer"])
             train_denoiser(*denoiser_parts, latents, captions, recipe, progress, work / "denoiser-checkpoint")
