@@ -411,13 +411,24 @@ def _starting_adapter(
     )
 
 
-def _micro_batch(dataset: Any, config: DistillConfig, micro_step: int, rank: int, world: int):
-    indices = batch_indices(micro_step, config.batch_size, len(dataset), config.seed)
-    share = config.batch_size // world
-    mine = list(range(rank * share, (rank + 1) * share))
-    samples = [dataset[indices[i]] for i in mine]
-    images = torch.stack([image_tensor(s.image, config.resolution) for s in samples])
-    return images, [s.caption for s in samples], [(config.seed, micro_step, i) for i in mine]
+class MicroBatches(torch.utils.data.Dataset):
+    """This process's share of each micro-batch, addressed by micro-step: a DataLoader can prepare them
+    in ``num_workers`` worker processes, and a resumed run starts at any step."""
+
+    def __init__(self, dataset: Any, config: DistillConfig, rank: int, world: int) -> None:
+        self.dataset, self.config = dataset, config
+        share = config.batch_size // world
+        self.mine = list(range(rank * share, (rank + 1) * share))  # positions within the global batch
+
+    def __len__(self) -> int:
+        return self.config.steps * self.config.gradient_accumulation_steps
+
+    def __getitem__(self, micro_step: int) -> tuple[torch.Tensor, list[str], list[tuple[int, int, int]]]:
+        config = self.config
+        indices = batch_indices(micro_step, config.batch_size, len(self.dataset), config.seed)
+        samples = [self.dataset[indices[i]] for i in self.mine]
+        images = torch.stack([image_tensor(s.image, config.resolution) for s in samples])
+        return images, [s.caption for s in samples], [(config.seed, micro_step, i) for i in self.mine]
 
 
 def _train(
@@ -427,12 +438,21 @@ def _train(
     log = out / "log.jsonl"
     last_good = _checkpoints(out)[-1] if _checkpoints(out) else None
     step = start
+    accumulation = config.gradient_accumulation_steps
+    micro_batches = MicroBatches(dataset, config, accelerator.process_index, accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(
+        micro_batches,
+        batch_size=None,
+        sampler=range(start * accumulation, config.steps * accumulation),
+        num_workers=config.num_workers,
+    )
+    batches = iter(loader)
     with progress_bar(disable=not (show_progress and accelerator.is_main_process)) as progress:
         task = progress.add_task("distilling", total=config.steps, completed=start, status="")
         try:
             while step < config.steps:
                 began = time.perf_counter()
-                terms = _accumulate_gradients(accelerator, objective, dataset, config, step)
+                terms = _accumulate_gradients(accelerator, objective, batches, config)
                 _stop_if_not_finite(terms, step + 1, last_good)
                 grad_norm = accelerator.clip_grad_norm_(adapter.parameters(), config.max_grad_norm)
                 optimizer.step()
@@ -472,15 +492,12 @@ def _train(
     return step
 
 
-def _accumulate_gradients(
-    accelerator, objective, dataset, config: DistillConfig, step: int
-) -> dict[str, float]:
+def _accumulate_gradients(accelerator, objective, batches, config: DistillConfig) -> dict[str, float]:
     """Backward passes of the step's micro-batches; the loss terms averaged over them and all processes."""
     accumulation = config.gradient_accumulation_steps
     terms: dict[str, float] = {}
     for micro in range(accumulation):
-        batch = _micro_batch(dataset, config, step * accumulation + micro, accelerator.process_index,
-                             accelerator.num_processes)  # fmt: skip
+        batch = next(batches)
         last = micro == accumulation - 1
         with nullcontext() if last else accelerator.no_sync(objective):
             values = _guard_memory(partial(objective, *batch), config)

@@ -172,7 +172,8 @@ def test_outputs_of_a_run(saved_pipelines, image_folder, tmp_path):
 
 def test_resume_gives_the_same_weights(saved_pipelines, image_folder, tmp_path):
     run(saved_pipelines["sd1"], image_folder, tmp_path / "straight")
-    run(saved_pipelines["sd1"], image_folder, tmp_path / "split", steps=2)
+    # The split run also loads its data in a worker process: same samples, same trajectory.
+    run(saved_pipelines["sd1"], image_folder, tmp_path / "split", steps=2, num_workers=1)
     distillation.distill(str(saved_pipelines["sd1"]), str(image_folder), tmp_path / "split", tiny_config(),
                          resume=True, show_progress=False)  # fmt: skip
     straight, split = (adapter_weights(tmp_path / name / "adapter") for name in ("straight", "split"))
