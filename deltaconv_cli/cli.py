@@ -404,6 +404,9 @@ def eval_command(
             cell(r.seconds_per_image, ".3f"), human_bytes(r.peak_memory_bytes),
         )  # fmt: skip
     console.print(table)
+    for r in report.systems:
+        if r.reused:
+            console.print(f"reused the {r.images} images of {r.name} (same settings)")
     console.print(
         f"FID reference: {report.reference or 'none given'}; grid: {report.grid}; JSON: {out / 'eval.json'}"
     )

@@ -182,8 +182,3 @@ def test_corrupt_adapter(saved_pipelines, tmp_path):
 def test_not_converted_folder(saved_pipelines):
     with pytest.raises(DeltaConvError, match="has no ΔConv adapter"):
         load_converted(saved_pipelines["sd1"])
-
-
-@pytest.mark.parametrize("command", ["distill", "sample", "profile", "eval", "analyze"])
-def test_unfinished_commands_say_so(command):
-    assert_one_line_error(cli(command), "is not available yet")

@@ -173,7 +173,7 @@ def test_eval_end_to_end_and_reuse(converted, tmp_path):
     report = json.loads(first.stdout)
     systems = {s["name"]: s for s in report["systems"]}
     assert set(systems) == {"original", "deltaconv"}
-    assert systems["original"]["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert systems["original"]["fid"] == pytest.approx(0.0, abs=1e-3)  # sqrtm rounding
     assert systems["deltaconv"]["psnr_db"] < 100 and 0 < systems["deltaconv"]["denoiser_relative_error"]
     assert systems["deltaconv"]["seconds_per_image"] > 0 and systems["deltaconv"]["peak_memory_bytes"] > 0
     assert not any(s["reused"] for s in report["systems"])
