@@ -2,6 +2,7 @@
 
 python benchmarks/tables.py profile docs/profile-sd15.json
 python benchmarks/tables.py eval runs/eval/eval.json
+python benchmarks/tables.py teacher docs/demo-teacher-quality.json
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _shape(layer: dict) -> str:
+    return f"{layer['grid'][0]}x{layer['grid'][1]}x{layer['channels']}"
+
+
 def profile_table(report: dict) -> str:
     sites = len(report["resolutions"][0]["layers"])
     header = [
@@ -33,30 +38,45 @@ def profile_table(report: dict) -> str:
         "attn / ΔConv",
         "LinFusion / ΔConv",
     ]
-    header += ["attn share of denoiser", "ms attention", "ms ΔConv", "ms LinFusion"]
-    header += ["step ms: original", "step ms: ΔConv", "step ms: LinFusion"]
+    header.append("attn share of denoiser")
+    measured = any(
+        layer[m]["latency_ms"] is not None or layer[m]["skipped"]
+        for r in report["resolutions"]
+        for layer in r["layers"]
+        for m in MIXERS
+    )
+    if measured:
+        header += ["ms attention", "ms ΔConv", "ms LinFusion"]
+        header += ["step ms: original", "step ms: ΔConv", "step ms: LinFusion"]
+        how = f"measured on {report['device']}, {report['dtype']} (ms columns: sum over all sites)"
+    else:
+        how = "counted on the meta device (no weights, nothing run)"
     lines = [
-        f"**{report['model']}** ({report['denoiser_class']}), per image, all {sites} self-attention sites; "
-        f"measured on {report['device']}, {report['dtype']} (ms columns: sum over all sites)",
+        f"**{report['model']}** ({report['denoiser_class']}), per image, "
+        f"all {sites} self-attention sites; {how}",
         "",
         _row(header),
         _row(["---"] * len(header)),
     ]
-    skipped: set[str] = set()
+    skipped: list[str] = []
     for r in report["resolutions"]:
         totals = r["totals_macs"]
         cells = [f"{r['height']}x{r['width']}", *(human_count(totals[m]) for m in MIXERS)]
         cells += [f"{r['attention_over_deltaconv']:,.1f}x", f"{r['linfusion_over_deltaconv']:.2f}x"]
         cells.append(f"{r['attention_share']:.1%}")
+        if not measured:
+            lines.append(_row(cells))
+            continue
         for mixer in MIXERS:
             values = [layer[mixer]["latency_ms"] for layer in r["layers"]]
-            skipped |= {layer[mixer]["skipped"] for layer in r["layers"] if layer[mixer]["skipped"]}
+            reasons = {layer[mixer]["skipped"]: layer for layer in r["layers"] if layer[mixer]["skipped"]}
+            skipped += [f"{_shape(layer)} {mixer} ({why})" for why, layer in reasons.items()]
             cells.append(_fmt(sum(values), ",.1f") if all(v is not None for v in values) else "-")
         cells += [_fmt(r["step_latency_ms"].get(m), ",.0f") for m in MIXERS]
-        skipped |= set(r["step_skipped"].values())
+        skipped += [f"{r['height']}x{r['width']} {m} step ({why})" for m, why in r["step_skipped"].items()]
         lines.append(_row(cells))
     if skipped:
-        lines += ["", "Not measured (shown as -): " + "; ".join(sorted(skipped)) + "."]
+        lines += ["", "Not measured (shown as -): " + "; ".join(dict.fromkeys(skipped)) + "."]
     if report["paper_ratio_passed_at"]:
         where, ratio = report["paper_ratio_passed_at"], report["ratio_at_crossing"]
         lines += [
@@ -85,10 +105,24 @@ def eval_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def teacher_table(results: list[dict]) -> str:
+    kinds = [k for k in results[0]["adherence"] if k != "all"]
+    header = ["guidance", "adherence", *(f"adherence: {k}" for k in kinds)]
+    header += ["FD samples vs real", "FD real vs real", "FD between domains"]
+    lines = [_row(header), _row(["---"] * len(header))]
+    for r in results:
+        cells = [f"{r['guidance']:g}", *(f"{r['adherence'][k]:.3f}" for k in ["all", *kinds])]
+        cells += [f"{r[k]:.0f}" for k in ("fd_samples_vs_real", "fd_real_vs_real", "fd_between_domains")]
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+TABLES = {"profile": profile_table, "eval": eval_table, "teacher": teacher_table}
+
+
 def main() -> None:
     kind, path = sys.argv[1], Path(sys.argv[2])
-    report = json.loads(path.read_text())
-    print(profile_table(report) if kind == "profile" else eval_table(report))
+    print(TABLES[kind](json.loads(path.read_text())))
 
 
 if __name__ == "__main__":

@@ -261,11 +261,11 @@ DtypeOption = Annotated[
 ]
 
 
-def _prompt_list(prompt: list[str], prompts_file: Path | None) -> list[str]:
+def _prompt_list(prompt: list[str], prompts_file: str | None) -> list[str]:
+    from .evaluation import read_prompts
+
     if prompts_file is not None:
-        if not prompts_file.is_file():
-            raise DeltaConvError(f"prompt file {prompts_file} not found")
-        prompt = [*prompt, *(line.strip() for line in prompts_file.read_text().splitlines() if line.strip())]
+        prompt = [*prompt, *read_prompts(prompts_file)[0]]
     if not prompt:
         raise DeltaConvError("give --prompt TEXT (repeatable) or --prompts FILE")
     return prompt
@@ -278,7 +278,7 @@ def sample(
     adapter: AdapterOption = None,
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = [],  # noqa: B006
     prompts_file: Annotated[
-        Path | None, typer.Option("--prompts", help="A file with one prompt per line.")
+        str | None, typer.Option("--prompts", help="A file with one prompt per line, or demo:N.")
     ] = None,
     seed: Annotated[int, typer.Option(help="First seed.")] = 0,
     num_images: Annotated[
@@ -418,7 +418,7 @@ def analyze(
     model: ModelArgument = "demo",
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = [],  # noqa: B006
     prompts_file: Annotated[
-        Path | None, typer.Option("--prompts", help="A file with one prompt per line.")
+        str | None, typer.Option("--prompts", help="A file with one prompt per line, or demo:N.")
     ] = None,
     timesteps: Annotated[
         list[str], typer.Option(help="Timestep band edges, e.g. 333,666 (bands [0,333), [333,666), [666,T)).")

@@ -153,11 +153,9 @@ def load_model(folder: ModelFolder, *, torch_dtype: torch.dtype | None = None) -
     """The pipeline (or bare denoiser) in ``folder``, as diffusers loads it, from safetensors only."""
     try:
         if folder.is_pipeline:
-            return DiffusionPipeline.from_pretrained(
-                folder.path, torch_dtype=torch_dtype, use_safetensors=True
-            )
+            return DiffusionPipeline.from_pretrained(folder.path, dtype=torch_dtype, use_safetensors=True)
         cls = denoiser_class(folder.denoiser_class)
-        return cls.from_pretrained(folder.path, torch_dtype=torch_dtype, use_safetensors=True)
+        return cls.from_pretrained(folder.path, dtype=torch_dtype, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as err:
         raise DeltaConvError(f"cannot load the model in {folder.path}: {str(err).splitlines()[0]}") from None
 

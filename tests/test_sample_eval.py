@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from deltaconv_cli.cli import app
-from deltaconv_cli.demo.quality import real_images
+from deltaconv_cli.demo.quality import held_out_captions, real_images
 from deltaconv_cli.evaluation import INCEPTION_FILE, fid, folder_features
 from deltaconv_cli.imaging import psnr, ssim, to_uint8
 
@@ -92,6 +92,13 @@ def test_sample_errors(converted, tmp_path):
     assert result.exit_code == 1 and "unknown scheduler 'magic'; choose one of ddim" in result.stderr
     result = runner.invoke(app, ["sample", str(converted), "--out", str(tmp_path)])
     assert result.exit_code == 1 and "give --prompt TEXT" in result.stderr
+    result = runner.invoke(app, ["sample", str(converted), "--prompts", "nope.txt", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "prompt file nope.txt not found (or use demo:N" in result.stderr
+
+
+def test_held_out_demo_captions_as_prompts(converted, tmp_path):
+    result = sample(converted, "--prompts", "demo:3", "--steps", "1", "--out", tmp_path, "--json", "-")
+    assert [image["prompt"] for image in json.loads(result.stdout)["images"]] == held_out_captions(3)[0]
 
 
 @pytest.mark.slow
