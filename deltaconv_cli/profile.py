@@ -9,12 +9,14 @@ zero) and a tracker of the bytes of live intermediate tensors (activation memory
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -282,6 +284,24 @@ class Timer:
                 times.append(time.perf_counter() - start)
         return statistics.median(times) * 1e3
 
+    def interleaved_latency_ms(
+        self, run: Callable[[], Any], setups: dict[str, Callable[[], AbstractContextManager[Any]]]
+    ) -> dict[str, float]:
+        """Median latency of ``run`` under each setup, timed in turns (one of each per round, the setup
+        itself untimed) so that drift of the machine weighs on all of them alike, not on the last one."""
+        times: dict[str, list[float]] = {name: [] for name in setups}
+        with torch.no_grad():
+            for rounds in (1, self.repeats):  # the first round is the warm-up
+                for _ in range(rounds):
+                    for name, setup in setups.items():
+                        with setup():
+                            _sync(self.device)
+                            start = time.perf_counter()
+                            run()
+                            _sync(self.device)
+                            times[name].append(time.perf_counter() - start)
+        return {name: statistics.median(values[1:]) * 1e3 for name, values in times.items()}
+
     def peak_bytes(self, run: Callable[[], Any]) -> int:
         """Peak memory of one call beyond what was allocated before it (CUDA allocator; on the CPU,
         tracked from tensor allocations)."""
@@ -441,20 +461,30 @@ def _measure_steps(
         "deltaconv": DeltaConvAdapter.construct_for(denoiser, kernels),
         "linfusion": DeltaConvAdapter.construct_for(denoiser, mixer="linfusion"),
     }
-    for mixer, adapter in adapters.items():
+
+    @contextlib.contextmanager
+    def mounted(adapter: DeltaConvAdapter | None) -> Iterator[None]:
         if adapter is not None:
             adapter.mount(denoiser)
-        for res in results:
+        try:
+            yield
+        finally:
+            if adapter is not None:
+                adapter.unmount()
+
+    for res in results:
+        setups = {}
+        for mixer, adapter in adapters.items():
             macs = res.denoiser_macs - res.total("attention") + res.total(mixer)
             reason = timer.skip_reason(macs, res.denoiser_activation_bytes)
             if reason:
                 res.step_skipped[mixer] = reason
-                continue
-            note(f"timing a {mixer} denoiser step at {res.height}x{res.width}")
+            else:
+                setups[mixer] = partial(mounted, adapter)
+        if setups:
+            note(f"timing {', '.join(setups)} denoiser steps in turns at {res.height}x{res.width}")
             inputs = denoiser_inputs(denoiser, 1, *res.latent, generator=torch.Generator().manual_seed(0))
-            res.step_latency_ms[mixer] = timer.latency_ms(partial(denoiser, **inputs))
-        if adapter is not None:
-            adapter.unmount()
+            res.step_latency_ms.update(timer.interleaved_latency_ms(partial(denoiser, **inputs), setups))
 
 
 def paper_ratio_crossing(

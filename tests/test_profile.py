@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from functools import partial
 
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 from deltaconv_cli.block import DeltaConvBlock
 from deltaconv_cli.cli import app
 from deltaconv_cli.linfusion import LinFusionAttention
-from deltaconv_cli.profile import count, profile
+from deltaconv_cli.profile import Timer, count, profile
 
 runner = CliRunner()
 
@@ -158,3 +159,22 @@ def test_resolution_that_does_not_fit_the_model():
     result = runner.invoke(app, ["profile", "sdxl", "--res", "1000"])
     assert result.exit_code == 1
     assert "not a multiple of 32 pixels" in result.stderr and "valid sizes are 32, 64, 96" in result.stderr
+
+
+def test_steps_are_timed_in_turns_each_under_its_own_setup():
+    events = []
+
+    def setup(name):
+        @contextlib.contextmanager
+        def entered():
+            events.append(f"enter {name}")
+            yield
+            events.append(f"exit {name}")
+
+        return entered
+
+    timer = Timer(torch.device("cpu"), torch.float32, repeats=2, budget_s=60)
+    result = timer.interleaved_latency_ms(lambda: events.append("run"), {"a": setup("a"), "b": setup("b")})
+    assert set(result) == {"a", "b"} and all(ms >= 0 for ms in result.values())
+    one_round = ["enter a", "run", "exit a", "enter b", "run", "exit b"]
+    assert events == one_round * 3  # warm-up round, then 2 timed rounds
