@@ -16,7 +16,6 @@ import statistics
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -273,19 +272,10 @@ class Timer:
         return None
 
     def latency_ms(self, run: Callable[[], Any]) -> float:
-        with torch.no_grad():
-            run()  # warm-up
-            times = []
-            for _ in range(self.repeats):
-                _sync(self.device)
-                start = time.perf_counter()
-                run()
-                _sync(self.device)
-                times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
+        return self.interleaved_latency_ms(run, {"run": contextlib.nullcontext})["run"]
 
     def interleaved_latency_ms(
-        self, run: Callable[[], Any], setups: dict[str, Callable[[], AbstractContextManager[Any]]]
+        self, run: Callable[[], Any], setups: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]]
     ) -> dict[str, float]:
         """Median latency of ``run`` under each setup, timed in turns (one of each per round, the setup
         itself untimed) so that drift of the machine weighs on all of them alike, not on the last one."""
