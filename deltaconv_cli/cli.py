@@ -267,7 +267,7 @@ def _prompt_list(prompt: list[str], prompts_file: str | None) -> list[str]:
     if prompts_file is not None:
         prompt = [*prompt, *read_prompts(prompts_file)[0]]
     if not prompt:
-        raise DeltaConvError("give --prompt TEXT (repeatable) or --prompts FILE")
+        raise DeltaConvError("give --prompt TEXT (repeatable) or --prompts FILE (or demo:N)")
     return prompt
 
 
