@@ -20,8 +20,10 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
 def _shape(layer: dict) -> str:
@@ -51,30 +53,30 @@ def profile_table(report: dict) -> str:
         how = f"measured on {report['device']}, {report['dtype']} (ms columns: sum over all sites)"
     else:
         how = "counted on the meta device (no weights, nothing run)"
-    lines = [
-        f"**{report['model']}** ({report['denoiser_class']}), per image, "
-        f"all {sites} self-attention sites; {how}",
-        "",
-        _row(header),
-        _row(["---"] * len(header)),
-    ]
+    rows: list[list[str]] = []
     skipped: list[str] = []
     for r in report["resolutions"]:
         totals = r["totals_macs"]
         cells = [f"{r['height']}x{r['width']}", *(human_count(totals[m]) for m in MIXERS)]
         cells += [f"{r['attention_over_deltaconv']:,.1f}x", f"{r['linfusion_over_deltaconv']:.2f}x"]
         cells.append(f"{r['attention_share']:.1%}")
-        if not measured:
-            lines.append(_row(cells))
-            continue
-        for mixer in MIXERS:
-            values = [layer[mixer]["latency_ms"] for layer in r["layers"]]
-            reasons = {layer[mixer]["skipped"]: layer for layer in r["layers"] if layer[mixer]["skipped"]}
-            skipped += [f"{_shape(layer)} {mixer} ({why})" for why, layer in reasons.items()]
-            cells.append(_fmt(sum(values), ",.1f") if all(v is not None for v in values) else "-")
-        cells += [_fmt(r["step_latency_ms"].get(m), ",.0f") for m in MIXERS]
-        skipped += [f"{r['height']}x{r['width']} {m} step ({why})" for m, why in r["step_skipped"].items()]
-        lines.append(_row(cells))
+        if measured:
+            for mixer in MIXERS:
+                values = [layer[mixer]["latency_ms"] for layer in r["layers"]]
+                reasons = {layer[mixer]["skipped"]: layer for layer in r["layers"] if layer[mixer]["skipped"]}
+                skipped += [f"{_shape(layer)} {mixer} ({why})" for why, layer in reasons.items()]
+                cells.append(_fmt(sum(values), ",.1f") if all(v is not None for v in values) else "-")
+            cells += [_fmt(r["step_latency_ms"].get(m), ",.0f") for m in MIXERS]
+            skipped += [
+                f"{r['height']}x{r['width']} {m} step ({why})" for m, why in r["step_skipped"].items()
+            ]
+        rows.append(cells)
+    lines = [
+        f"**{report['model']}** ({report['denoiser_class']}), per image, "
+        f"all {sites} self-attention sites; {how}",
+        "",
+        _table(header, rows),
+    ]
     if skipped:
         lines += ["", "Not measured (shown as -): " + "; ".join(dict.fromkeys(skipped)) + "."]
     if report["paper_ratio_passed_at"]:
@@ -94,27 +96,26 @@ def eval_table(report: dict) -> str:
         f"{report['model']}: {report['prompts']} prompts, {report['height']}x{report['width']}, "
         f"{settings['steps']} steps, guidance {settings['guidance']}, {report['device']}",
         "",
-        _row(header),
-        _row(["---"] * len(header)),
     ]
+    rows = []
     for s in report["systems"]:
         cells = [s["name"], _fmt(s["fid"], ".2f"), _fmt(s["psnr_db"], ".2f"), _fmt(s["ssim"], ".3f")]
         cells += [_fmt(s["denoiser_relative_error"], ".3f"), _fmt(s["adherence"], ".3f")]
         cells += [_fmt(s["seconds_per_image"], ".3f"), human_bytes(s["peak_memory_bytes"])]
-        lines.append(_row(cells))
-    return "\n".join(lines)
+        rows.append(cells)
+    return "\n".join([*lines, _table(header, rows)])
 
 
 def teacher_table(results: list[dict]) -> str:
     kinds = [k for k in results[0]["adherence"] if k != "all"]
     header = ["guidance", "adherence", *(f"adherence: {k}" for k in kinds)]
     header += ["FD samples vs real", "FD real vs real", "FD between domains"]
-    lines = [_row(header), _row(["---"] * len(header))]
+    rows = []
     for r in results:
         cells = [f"{r['guidance']:g}", *(f"{r['adherence'][k]:.3f}" for k in ["all", *kinds])]
         cells += [f"{r[k]:.0f}" for k in ("fd_samples_vs_real", "fd_real_vs_real", "fd_between_domains")]
-        lines.append(_row(cells))
-    return "\n".join(lines)
+        rows.append(cells)
+    return _table(header, rows)
 
 
 TABLES = {"profile": profile_table, "eval": eval_table, "teacher": teacher_table}
