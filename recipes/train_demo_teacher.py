@@ -1,4 +1,4 @@
-"""Train the embedded demo teacher and its feature extractor (about 80 minutes on a 2-core CPU).
+"""Train the embedded demo teacher and its feature extractor (about 90 minutes on a 2-core CPU).
 
     python recipes/train_demo_teacher.py [--out deltaconv_cli/assets/demo] [--seed 0]
 
@@ -22,9 +22,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where pipeline/ and extractor/ go")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, help="finished stages (default: .OUT-work beside OUT)")
     parser.add_argument("--steps", type=int, default=TeacherRecipe.steps, help="denoiser training steps")
     args = parser.parse_args()
-    train_teacher(args.out, TeacherRecipe(seed=args.seed, steps=args.steps))
+    train_teacher(args.out, TeacherRecipe(seed=args.seed, steps=args.steps), work=args.work)
     print(f"wrote {args.out / 'pipeline'} and {args.out / 'extractor'}")
 
 
