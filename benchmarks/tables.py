@@ -109,10 +109,13 @@ def eval_table(report: dict) -> str:
 def teacher_table(results: list[dict]) -> str:
     kinds = [k for k in results[0]["adherence"] if k != "all"]
     header = ["guidance", "adherence", *(f"adherence: {k}" for k in kinds)]
+    header += ["named objects drawn", "... in the named cell"]
     header += ["FD samples vs real", "FD real vs real", "FD between domains"]
     rows = []
     for r in results:
         cells = [f"{r['guidance']:g}", *(f"{r['adherence'][k]:.3f}" for k in ["all", *kinds])]
+        named = r.get("named_objects", {})  # absent from results measured before it was reported
+        cells += [_fmt(named.get(k), ".2f") for k in ("drawn", "in_named_cell")]
         cells += [f"{r[k]:.0f}" for k in ("fd_samples_vs_real", "fd_real_vs_real", "fd_between_domains")]
         rows.append(cells)
     return _table(header, rows)

@@ -1,10 +1,11 @@
-"""Train the embedded demo teacher and its feature extractor (about 90 minutes on a 2-core CPU).
+"""Train the embedded demo teacher and its feature extractor (about 80 minutes on a 2-core CPU).
 
-    python recipes/train_demo_teacher.py [--out deltaconv_cli/assets/demo] [--seed 0]
+    python recipes/train_demo_teacher.py [--out deltaconv_cli/assets/demo] [--work DIR] [--seed 0]
 
 Reproducible from the seed. Finished stages (data, VAE, latents, denoiser checkpoints every 300
-steps, extractor) are kept in a work folder next to OUT, so an interrupted run continues where it
-stopped. Run it alone: two PyTorch processes on two cores slow each other down many times over.
+steps, extractor) are kept in a work folder (--work; default next to OUT), so an interrupted run
+continues where it stopped. Run it alone: two PyTorch processes on two cores slow each other down
+many times over.
 """
 
 from __future__ import annotations

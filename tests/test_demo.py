@@ -5,16 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
 from transformers import CLIPTokenizer
 
 from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.extractor import DomainFeatureExtractor
-from deltaconv_cli.demo.quality import adherence_by_kind, frechet, held_out_captions, real_images
+from deltaconv_cli.demo.quality import (
+    adherence_by_kind,
+    frechet,
+    held_out_captions,
+    placed_objects,
+    real_images,
+)
 from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, vocabulary
 from deltaconv_cli.demo.text import build_clip_tokenizer
 from deltaconv_cli.loading import demo_path, load_model, locate_model
 from deltaconv_cli.sampling import SampleSettings, generate
+from deltaconv_cli.surgery import trace_token_grids
 
 
 def test_generator_is_deterministic():
@@ -72,6 +80,18 @@ def test_checker_catches_wrong_counts_and_broken_symmetry():
     assert domain.check(domain.render(domain.Scene("single", ())), "a red circle at the top") == 0.0
 
 
+def test_placed_objects_separates_position_errors_from_missing_objects():
+    scene = domain.Scene("single", (domain.SceneObject("red", "circle", 0),))
+    moved = domain.Scene("single", (domain.SceneObject("red", "circle", 8),))
+    count = domain.make_scene(0, 0, "count")  # names no cell: not counted
+    images = [domain.render(s) for s in (scene, moved, count)]
+    caption = "a red circle at the top left"
+    captions = [caption, caption, count.caption]
+    assert placed_objects(images, captions) == {"objects": 2, "drawn": 1.0, "in_named_cell": 0.5}
+    wrong_colour = placed_objects(images[:1], ["a blue circle at the top left"])
+    assert wrong_colour == {"objects": 1, "drawn": 0.0, "in_named_cell": 0.0}
+
+
 def test_tokenizer_spells_every_word_as_one_token(tmp_path):
     tokenizer = build_clip_tokenizer(vocabulary(), tmp_path / "files", 24)
     tokenizer.save_pretrained(tmp_path / "saved")
@@ -90,6 +110,15 @@ def test_extractor_ships_and_separates_domains():
     floor = frechet(extractor, images, real_images(8, 300))
     between = frechet(extractor, real_images(9, 300, "single"), real_images(10, 300, "count"))
     assert between > 3 * floor  # measured: 786 vs 168
+
+
+def test_shipped_teacher_has_self_and_cross_attention_at_two_resolutions_from_32x32():
+    unet = UNet2DConditionModel.from_pretrained(demo_path() / "unet")
+    grids = set(trace_token_grids(unet, 32, 32).values())
+    assert {(32, 32), (16, 16)} <= grids
+    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    assert all(b.attn2 is not None for b in blocks)  # every self-attention site has cross-attention too
+    assert len(blocks) == len(trace_token_grids(unet, 32, 32))
 
 
 @pytest.mark.slow

@@ -54,6 +54,22 @@ def adherence_by_kind(
     return result
 
 
+def placed_objects(images: Sequence[np.ndarray], captions: Sequence[str]) -> dict[str, float]:
+    """Over every object a ``single`` or ``pair`` caption names: the share drawn (its colour and shape
+    anywhere in the image) and the share drawn in the cell the caption names. The gap between the two is
+    what the generator gets wrong about position alone."""
+    drawn, placed = [], []
+    for image, caption in zip(images, captions, strict=True):
+        kind, wanted = domain.parse_caption(caption)
+        if kind not in ("single", "pair"):
+            continue
+        found = domain.detect_objects(image)
+        for w in wanted:
+            drawn.append(any((d.color, d.shape) == (w.color, w.shape) for d in found))
+            placed.append(any((d.color, d.shape, d.cell) == (w.color, w.shape, w.cell) for d in found))
+    return {"objects": len(drawn), "drawn": float(np.mean(drawn)), "in_named_cell": float(np.mean(placed))}
+
+
 def generator_quality(
     pipe: Any, extractor: DomainFeatureExtractor, count: int = 200, steps: int = 20, guidance: float = 4.0
 ) -> dict[str, Any]:
@@ -71,6 +87,7 @@ def generator_quality(
         "steps": steps,
         "guidance": guidance,
         "adherence": adherence_by_kind(samples, captions, kinds),
+        "named_objects": placed_objects(samples, captions),
         "fd_samples_vs_real": frechet(extractor, samples, reference),
         "fd_real_vs_real": frechet(extractor, real_images(REFERENCE_SEED + 1, count), reference),
         "fd_between_domains": frechet(

@@ -2,12 +2,11 @@
 
 Architecture (a genuine ``StableDiffusionPipeline``): a CLIP tokenizer over the domain's words, a
 2-layer CLIP text encoder, an ``AutoencoderKL`` (64 x 64 RGB <-> 32 x 32 x 4 latents) and a
-``UNet2DConditionModel`` with self- and cross-attention at 32 x 32 and 16 x 16, plain ResNet levels at
-8 x 8 and 4 x 4, and attention again in the 4 x 4 middle block.
+``UNet2DConditionModel`` with self- and cross-attention at 32 x 32 and 16 x 16 (and 8 x 8 in the middle).
 
 Training (:func:`train_teacher`) runs in stages, each saved when done so that a rerun resumes after the
 last finished stage: render the data set, train the VAE, encode latents, train text encoder + UNet
-(v-prediction on a zero-terminal-SNR schedule, EMA, classifier-free caption dropout), train the feature
+(epsilon prediction, min-SNR weighting, EMA, classifier-free caption dropout), train the feature
 extractor, write the pipeline folder.
 """
 
@@ -44,18 +43,6 @@ from .text import build_clip_tokenizer
 TEXT_LENGTH = 24  # tokens; the longest caption has 17 with BOS/EOS
 RECOMMENDED_STEPS = 20
 RECOMMENDED_GUIDANCE = 4.0
-# v-prediction on a schedule rescaled to zero terminal SNR (Lin et al. 2024). On SD's own schedule the
-# noisiest training latents still show where the objects are (a 64 px image's objects are large, bright
-# blobs), so the denoiser learned to read the layout from the noise and never from the caption: the v1
-# teacher drew the layout of the seed's noise whatever the words, 2 cells in 16 right.
-NOISE_SCHEDULE = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction",
-    "rescale_betas_zero_snr": True,
-}
 
 
 def vocabulary() -> list[str]:
@@ -75,15 +62,16 @@ class TeacherRecipe:
     vae_steps: int = 800
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    steps: int = 3300
+    steps: int = 3600
     batch: int = 32
     lr: float = 6e-4
     warmup: int = 200
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
     extractor_steps: int = 1200
     checkpoint_every: int = 300
-    unet_channels: tuple[int, ...] = (32, 64, 96, 128)
+    unet_channels: tuple[int, int, int] = (48, 96, 96)
     text_width: int = 96
 
 
@@ -116,25 +104,21 @@ def build_components(recipe: TeacherRecipe, scratch: Path) -> dict[str, Any]:
         sample_size=domain.SIZE,
         mid_block_add_attention=False,
     )
-    # Attention at the two finest levels (32 x 32 and 16 x 16); plain ResNet levels below them bring the
-    # grid down to 4 x 4, where the zero padding of a few convolutions tells every position where it is:
-    # without that coarse bottleneck the v1 teacher never learned to put an object in the named cell.
-    attention_levels, plain_levels = 2, len(recipe.unet_channels) - 2
-    down_blocks = ("CrossAttnDownBlock2D",) * attention_levels + ("DownBlock2D",) * plain_levels
-    up_blocks = ("UpBlock2D",) * plain_levels + ("CrossAttnUpBlock2D",) * attention_levels
     unet = UNet2DConditionModel(
         sample_size=domain.SIZE // 2,
         in_channels=4,
         out_channels=4,
         block_out_channels=recipe.unet_channels,
         layers_per_block=1,
-        down_block_types=down_blocks,
-        up_block_types=up_blocks,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=recipe.text_width,
         attention_head_dim=1,  # diffusers reads this as the number of heads
         norm_num_groups=16,
     )
-    scheduler = DPMSolverMultistepScheduler(**NOISE_SCHEDULE, timestep_spacing="trailing")
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
     return {
         "tokenizer": tokenizer,
         "text_encoder": text_encoder,
@@ -203,13 +187,15 @@ def train_denoiser(
     progress: Progress,
     checkpoint: Path,
 ) -> None:
-    """Text encoder + UNet, trained jointly for v-prediction (zero terminal SNR) with EMA.
+    """Text encoder + UNet, trained jointly for epsilon prediction with min-SNR weighting and EMA.
 
     Every ``checkpoint_every`` steps the weights, EMA and optimizer state are saved to ``checkpoint``
     (safetensors + JSON, atomically); a rerun continues from there. Each step's random draws come from a
     generator seeded by the step, so a resumed run follows the same trajectory.
     """
-    scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
     tokenize = partial(
         tokenizer, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
     )
@@ -233,7 +219,8 @@ def train_denoiser(
         with torch.autocast("cpu", dtype=torch.bfloat16):
             context = text_encoder(tokens)[0]
             pred = unet(noisy, t, context).sample.float()
-        loss = F.mse_loss(pred, scheduler.get_velocity(x0, noise, t))
+        weight = torch.clamp(snr[t], max=recipe.min_snr_gamma) / snr[t]
+        loss = (weight * (pred - noise).square().mean(dim=(1, 2, 3))).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         warm = min(1.0, (step + 1) / recipe.warmup)
