@@ -118,7 +118,21 @@ def teacher_table(results: list[dict]) -> str:
         cells += [_fmt(named.get(k), ".2f") for k in ("drawn", "in_named_cell")]
         cells += [f"{r[k]:.0f}" for k in ("fd_samples_vs_real", "fd_real_vs_real", "fd_between_domains")]
         rows.append(cells)
-    return _table(header, rows)
+    table = _table(header, rows)
+    reliance = results[0].get("position_reliance")  # the same for every guidance; absent from older results
+    if reliance is None:
+        return table
+    header = ["timestep", "x0 error, own caption", "x0 error, object moved", "moved / own"]
+    rows = [
+        [
+            t,
+            f"{e['own_caption']:.4f}",
+            f"{e['moved_caption']:.4f}",
+            f"{e['moved_caption'] / e['own_caption']:.3f}",
+        ]
+        for t, e in reliance.items()
+    ]
+    return table + "\n\n" + _table(header, rows)
 
 
 TABLES = {"profile": profile_table, "eval": eval_table, "teacher": teacher_table}

@@ -16,7 +16,9 @@ from deltaconv_cli.demo.quality import (
     frechet,
     held_out_captions,
     placed_objects,
+    position_reliance,
     real_images,
+    with_cell_moved,
 )
 from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, vocabulary
 from deltaconv_cli.demo.text import build_clip_tokenizer
@@ -90,6 +92,24 @@ def test_placed_objects_separates_position_errors_from_missing_objects():
     assert placed_objects(images, captions) == {"objects": 2, "drawn": 1.0, "in_named_cell": 0.5}
     wrong_colour = placed_objects(images[:1], ["a blue circle at the top left"])
     assert wrong_colour == {"objects": 1, "drawn": 0.0, "in_named_cell": 0.0}
+
+
+def test_with_cell_moved_names_the_same_object_elsewhere():
+    assert with_cell_moved("a red circle at the top left", 1) == "a red circle at the top"
+    assert with_cell_moved("a red circle at the top left", 4) == "a red circle in the center"
+    assert with_cell_moved("a blue square at the bottom right", 1) == "a blue square at the top left"
+    assert with_cell_moved("a blue square in the center", 9) == "a blue square in the center"
+    with pytest.raises(ValueError, match="not a single-object caption"):
+        with_cell_moved("two red circles mirrored", 1)
+
+
+def test_position_reliance_measures_clean_latent_error_per_timestep():
+    pipe = load_model(locate_model("demo"))
+    result = position_reliance(pipe, count=6, timesteps=(999, 0))
+    assert list(result) == ["999", "0"]
+    assert all(list(errors) == ["own_caption", "moved_caption"] for errors in result.values())
+    # At t = 0 the latents are all but clean, so a correct conversion to clean latents nearly recovers them.
+    assert 0 < result["0"]["own_caption"] < 0.05 * result["999"]["own_caption"]
 
 
 def test_tokenizer_spells_every_word_as_one_token(tmp_path):
