@@ -3,12 +3,10 @@
 Architecture (a genuine ``StableDiffusionPipeline``): a CLIP tokenizer over the domain's words, a
 2-layer CLIP text encoder, an ``AutoencoderKL`` (64 x 64 RGB <-> 32 x 32 x 4 latents) and a
 ``UNet2DConditionModel`` with self- and cross-attention at 32 x 32 and 16 x 16 (and 8 x 8 in the middle).
-The UNet's first convolution is 33 x 33 over a centred input (``center_input_sample``): its zero padding
-gives every latent position its own learned signature, so position words can find their cells.
 
 Training (:func:`train_teacher`) runs in stages, each saved when done so that a rerun resumes after the
 last finished stage: render the data set, train the VAE, encode latents, train text encoder + UNet
-(v-prediction on a zero-terminal-SNR schedule, EMA, classifier-free caption dropout), train the feature
+(epsilon prediction, min-SNR weighting, EMA, classifier-free caption dropout), train the feature
 extractor, write the pipeline folder.
 """
 
@@ -45,16 +43,6 @@ from .text import build_clip_tokenizer
 TEXT_LENGTH = 24  # tokens; the longest caption has 17 with BOS/EOS
 RECOMMENDED_STEPS = 20
 RECOMMENDED_GUIDANCE = 4.0
-# v-prediction on SD's schedule rescaled to zero terminal SNR (Lin et al. 2024): sampling starts from pure
-# noise, so training must too, or the denoiser learns to read the layout from the noise, not the caption.
-NOISE_SCHEDULE = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction",
-    "rescale_betas_zero_snr": True,
-}
 
 
 def vocabulary() -> list[str]:
@@ -74,15 +62,16 @@ class TeacherRecipe:
     vae_steps: int = 800
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    steps: int = 3000
+    steps: int = 3600
     batch: int = 32
     lr: float = 6e-4
     warmup: int = 200
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
     extractor_steps: int = 1200
     checkpoint_every: int = 300
-    unet_channels: tuple[int, int, int] = (32, 64, 96)
+    unet_channels: tuple[int, int, int] = (48, 96, 96)
     text_width: int = 96
 
 
@@ -126,14 +115,10 @@ def build_components(recipe: TeacherRecipe, scratch: Path) -> dict[str, Any]:
         cross_attention_dim=recipe.text_width,
         attention_head_dim=1,  # diffusers reads this as the number of heads
         norm_num_groups=16,
-        # Convolutions are blind to absolute position except at zero padding. Centring maps the input to
-        # 2x - 1, a constant offset the padding cuts off, and a 33 x 33 kernel on the 32 x 32 grid makes that
-        # cut different at every position: a learned position embedding, within the stock UNet. Without
-        # it, two earlier teachers never put an object in its named cell.
-        conv_in_kernel=2 * (domain.SIZE // 2) + 1,
-        center_input_sample=True,
     )
-    scheduler = DPMSolverMultistepScheduler(**NOISE_SCHEDULE, timestep_spacing="trailing")
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
     return {
         "tokenizer": tokenizer,
         "text_encoder": text_encoder,
@@ -202,13 +187,15 @@ def train_denoiser(
     progress: Progress,
     checkpoint: Path,
 ) -> None:
-    """Text encoder + UNet, trained jointly for v-prediction (zero terminal SNR) with EMA.
+    """Text encoder + UNet, trained jointly for epsilon prediction with min-SNR weighting and EMA.
 
     Every ``checkpoint_every`` steps the weights, EMA and optimizer state are saved to ``checkpoint``
     (safetensors + JSON, atomically); a rerun continues from there. Each step's random draws come from a
     generator seeded by the step, so a resumed run follows the same trajectory.
     """
-    scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
     tokenize = partial(
         tokenizer, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
     )
@@ -232,7 +219,8 @@ def train_denoiser(
         with torch.autocast("cpu", dtype=torch.bfloat16):
             context = text_encoder(tokens)[0]
             pred = unet(noisy, t, context).sample.float()
-        loss = F.mse_loss(pred, scheduler.get_velocity(x0, noise, t))
+        weight = torch.clamp(snr[t], max=recipe.min_snr_gamma) / snr[t]
+        loss = (weight * (pred - noise).square().mean(dim=(1, 2, 3))).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         warm = min(1.0, (step + 1) / recipe.warmup)
