@@ -94,7 +94,7 @@ def position_reliance(
     from .teacher import to_tensor
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    alphas = scheduler.alphas_cumprod
+    alphas, prediction = scheduler.alphas_cumprod, scheduler.config.prediction_type
     scenes = [domain.make_scene(seed, i, "single") for i in range(count)]
     images = to_tensor(np.stack([domain.render(s) for s in scenes]))
     x0 = pipe.vae.encode(images).latent_dist.mode() * pipe.vae.config.scaling_factor
@@ -112,10 +112,9 @@ def position_reliance(
         errors = {}
         for name, cond in conds.items():
             out = predict(pipe.unet, noisy, steps, cond).float()
-            kind = scheduler.config.prediction_type
-            if kind == "epsilon":
+            if prediction == "epsilon":
                 x0_hat = (noisy - (1 - a).sqrt() * out) / a.sqrt()
-            elif kind == "v_prediction":
+            elif prediction == "v_prediction":
                 x0_hat = a.sqrt() * noisy - (1 - a).sqrt() * out
             else:
                 x0_hat = out
