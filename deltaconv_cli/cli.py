@@ -67,6 +67,10 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def write_json(target: Path | None, data: dict[str, Any]) -> None:
     if target is None:
         return
@@ -325,8 +329,10 @@ def sample(
 
     write_json(json_out, asdict(report))
     if str(json_out) != "-":
+        written = len(report.images) * (2 if compare else 1)
+        systems = f"{report.system} and original" if compare else report.system
         console.print(
-            f"{len(report.images)} images ({report.system}, {report.scheduler}, "
+            f"{plural(written, 'image')} ({systems}, {report.scheduler}, "
             f"{report.height}x{report.width}) in {report.out}; grid: {report.grid}"
         )
 

@@ -19,13 +19,17 @@ the same trajectory as one uninterrupted single-process run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.resources
+import importlib.util
+import itertools
 import json
 import math
 import shutil
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -36,19 +40,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .architectures import denoiser_of
+from .block import GATES
 from .conditioning import encode_prompts, predict
 from .data import DEMO, batch_indices, image_tensor, open_data
 from .errors import DeltaConvError
 from .loading import load_adapter, load_model, locate_model
 from .progress import advance, progress_bar
-from .surgery import DeltaConvAdapter, ReplacedSelfAttention
+from .surgery import MIXERS, DeltaConvAdapter, ReplacedSelfAttention
 
 RECIPES_DIR = Path(str(importlib.resources.files("deltaconv_cli.recipes")))
+FEATURES = ("residual", "attention_output")  # ΔConvFusion's feature target, LinFusion's
+LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)
+REPORT_TO = ("none", "tensorboard")
 
 
 @dataclass
@@ -83,14 +93,71 @@ class DistillConfig:
     report_prompts: int = 8
     report_steps: int = 20
     report_guidance: float = 7.5
+    report_to: str = "none"  # "tensorboard": losses also go to accelerate's TensorBoard tracker
+
+    def check(self) -> None:
+        """A clear one-line error for the first setting no run can use (before any model is loaded)."""
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps <= 0:
+            raise DeltaConvError(f"--steps must be a positive number, got {self.steps}")
+        for name, rule in _SETTING_RULES.items():
+            value = getattr(self, name)
+            kind, allowed, description = rule
+            if not isinstance(value, kind) or isinstance(value, bool) and bool not in kind:
+                raise DeltaConvError(f"setting {name} must be {description}, got {value!r}")
+            if not allowed(value):
+                raise DeltaConvError(f"setting {name} must be {description}, got {value!r}")
+        sizes = self.kernel_sizes
+        values = [sizes] if isinstance(sizes, int) else list((sizes or {}).values())
+        if not isinstance(sizes, int | dict | None) or any(
+            not isinstance(k, int) or k < 1 or k % 2 == 0 for k in values
+        ):
+            raise DeltaConvError(f"kernel sizes must be positive odd numbers, got {sizes!r}")
 
     # Settings that change the training trajectory; a resumed run must agree on them.
     def trajectory(self) -> dict[str, Any]:
         data = asdict(self)
         for key in ("steps", "checkpoint_every", "keep_checkpoints", "num_workers", "report_prompts",
-                    "report_steps", "report_guidance"):  # fmt: skip
+                    "report_steps", "report_guidance", "report_to"):  # fmt: skip
             data.pop(key)
         return data
+
+
+def _finite(low: float, high: float = math.inf, *, open_low: bool = False) -> Callable[[Any], bool]:
+    return lambda v: math.isfinite(v) and (v > low if open_low else v >= low) and v <= high
+
+
+_COUNT = (int,)
+_NUMBER = (int, float)
+# name -> (accepted types, rule, what the setting must be); `steps` and `kernel_sizes` are checked apart.
+_SETTING_RULES: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] = {
+    "mixer": ((str,), lambda v: v in MIXERS, f"one of {', '.join(MIXERS)}"),
+    "gate": ((str,), lambda v: v in GATES, f"one of {', '.join(GATES)}"),
+    "resolution": (_COUNT, lambda v: v > 0, "a positive number of pixels"),
+    "batch_size": (_COUNT, lambda v: v >= 1, "at least 1"),
+    "gradient_accumulation_steps": (_COUNT, lambda v: v >= 1, "at least 1"),
+    "learning_rate": (_NUMBER, _finite(0, open_low=True), "a positive number"),
+    "adam_beta1": (_NUMBER, _finite(0, 0.999999), "in [0, 1)"),
+    "adam_beta2": (_NUMBER, _finite(0, 0.999999), "in [0, 1)"),
+    "weight_decay": (_NUMBER, _finite(0), "a number >= 0"),
+    "lr_scheduler": ((str,), lambda v: v in LR_SCHEDULERS, f"one of {', '.join(LR_SCHEDULERS)}"),
+    "warmup_steps": (_COUNT, lambda v: v >= 0, "a number of steps >= 0"),
+    "max_grad_norm": (_NUMBER, _finite(0, open_low=True), "a positive number"),
+    "mixed_precision": ((str,), lambda v: v in ("no", "fp16", "bf16"), "no, fp16 or bf16"),
+    "caption_dropout": (_NUMBER, _finite(0, 1), "a probability in [0, 1]"),
+    "denoise_weight": (_NUMBER, _finite(0), "a number >= 0"),
+    "teacher_weight": (_NUMBER, _finite(0), "a number >= 0"),
+    "feature_weight": (_NUMBER, _finite(0), "a number >= 0"),
+    "feature": ((str,), lambda v: v in FEATURES, f"one of {', '.join(FEATURES)}"),
+    "checkpoint_every": (_COUNT, lambda v: v >= 1, "a number of steps >= 1"),
+    "keep_checkpoints": (_COUNT, lambda v: v >= 1, "at least 1"),
+    "seed": (_COUNT, lambda v: v >= 0, "a number >= 0"),
+    "num_workers": (_COUNT, lambda v: v >= 0, "a number >= 0"),
+    "gradient_checkpointing": ((bool,), lambda v: True, "true or false"),
+    "report_prompts": (_COUNT, lambda v: v >= 1, "at least 1"),
+    "report_steps": (_COUNT, lambda v: v >= 1, "at least 1"),
+    "report_guidance": (_NUMBER, _finite(0), "a number >= 0"),
+    "report_to": ((str,), lambda v: v in REPORT_TO, f"one of {', '.join(REPORT_TO)}"),
+}
 
 
 def recipe_names() -> list[str]:
@@ -112,7 +179,8 @@ def load_recipe(name: str | Path, mixer: str = "deltaconv") -> dict[str, Any]:
     recipe.pop("description", None)
     overrides = recipe.pop("linfusion", {})
     if mixer == "linfusion":
-        recipe.update(overrides, mixer="linfusion")
+        recipe.update(overrides)
+    recipe["mixer"] = mixer
     known = {f.name for f in fields(DistillConfig)}
     unknown = sorted(set(recipe) - known)
     if unknown:
@@ -125,12 +193,7 @@ def make_config(recipe: str | Path, mixer: str = "deltaconv", **overrides: Any) 
     settings = load_recipe(recipe, mixer)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     config = DistillConfig(**settings)
-    if config.steps <= 0:
-        raise DeltaConvError(f"--steps must be a positive number, got {config.steps}")
-    if config.mixed_precision not in ("no", "fp16", "bf16"):
-        raise DeltaConvError(f"mixed precision must be no, fp16 or bf16, got {config.mixed_precision!r}")
-    if config.feature not in ("residual", "attention_output"):
-        raise DeltaConvError(f"feature must be residual or attention_output, got {config.feature!r}")
+    config.check()
     return config
 
 
@@ -264,7 +327,7 @@ def save_checkpoint(out: Path, step: int, adapter: DeltaConvAdapter, optimizer: 
 
 def load_checkpoint(folder: Path, adapter: DeltaConvAdapter, optimizer: Any, scheduler: Any) -> int:
     meta = json.loads((folder / "state.json").read_text())
-    weights = load_file(folder / "adapter" / "diffusion_pytorch_model.safetensors")
+    weights = load_file(folder / "adapter" / SAFETENSORS_WEIGHTS_NAME)
     adapter.load_state_dict(weights)
     tensors = load_file(folder / "optimizer.safetensors")
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -307,7 +370,14 @@ def distill(
 
     out = Path(out)
     dataset = open_data(data, config.seed)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    if config.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise DeltaConvError("report_to tensorboard needs the tensorboard package: pip install tensorboard")
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_dir=out,
+    )
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise DeltaConvError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 or no on the CPU")
     if config.batch_size % accelerator.num_processes:
@@ -323,7 +393,7 @@ def distill(
         )
     settings = {"model": str(model), "data": str(data), **config.trajectory()}
     if resume:
-        saved = json.loads((out / "config.json").read_text())
+        saved = _read_run_config(out)
         saved_settings = {k: saved.get(k) for k in settings}
         differences = [
             f"{k}: {saved_settings[k]!r} then, {v!r} now"
@@ -364,34 +434,83 @@ def distill(
     scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps
     )
-    start = 0
+    start, resumed_from = 0, None
     if resume:
-        start = load_checkpoint(checkpoints[-1], blocks, optimizer, scheduler)
-    elif accelerator.is_main_process:
+        resumed_from, start = _load_newest_intact(checkpoints, blocks, optimizer, scheduler)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    batches = _micro_batches(dataset, config, start, accelerator)
+    # The run folder is made only once the first batch has been read: bad data leaves nothing behind.
+    first = next(batches)
+    created = not resume and accelerator.is_main_process
+    if created:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({**settings, **asdict(config)}, indent=2) + "\n")
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-
-    result = _train(
-        accelerator,
-        objective,
-        blocks,
-        optimizer,
-        scheduler,
-        dataset,
-        config,
-        out,
-        start,
-        show_progress,
-        on_step,
-    )
+    run = TrainingRun(accelerator, objective, blocks, optimizer, scheduler, config, out,
+                      start, itertools.chain([first], batches))  # fmt: skip
+    try:
+        with _trackers(accelerator, config, out, settings):
+            steps_done = run.train(show_progress, on_step)
+    except BaseException:
+        if created and not _checkpoints(out):  # nothing worth keeping: no half-made run either
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     report = None
     if accelerator.is_main_process:
         blocks.save_pretrained(out / "adapter")
         plot_losses(out / "log.jsonl", out / "loss.png")
-        report = teacher_student_report(pipe, blocks, initial_state, data, config, out)
+        report = teacher_student_report(pipe, blocks, initial_state, data, config, out, show_progress)
+        report["resumed_from"] = str(resumed_from) if resumed_from else None
+        if steps_done < config.warmup_steps:
+            report["note"] = (
+                f"the learning rate was still warming up ({steps_done} of {config.warmup_steps} warm-up "
+                f"steps, now {scheduler.get_last_lr()[0]:.3g}): the distilled blocks have barely moved"
+            )
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     accelerator.wait_for_everyone()
-    return DistillResult(out, result, out / "adapter", report)
+    return DistillResult(out, steps_done, out / "adapter", report)
+
+
+def _read_run_config(out: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise DeltaConvError(f"cannot resume: {out / 'config.json'} is missing or damaged ({err})") from None
+    if not isinstance(saved, dict):
+        raise DeltaConvError(f"cannot resume: {out / 'config.json'} does not hold a JSON object")
+    return saved
+
+
+def _load_newest_intact(checkpoints: list[Path], adapter: DeltaConvAdapter, optimizer: Any,
+                        scheduler: Any) -> tuple[Path, int]:  # fmt: skip
+    """Load the newest checkpoint that reads back whole; say which damaged ones were passed over."""
+    damaged = []
+    for folder in reversed(checkpoints):
+        try:
+            step = load_checkpoint(folder, adapter, optimizer, scheduler)
+        except Exception as err:  # json, safetensors and torch raise several types for damaged files
+            damaged.append(f"{folder.name} ({str(err).strip().splitlines()[0][:120] or type(err).__name__})")
+            continue
+        if damaged:
+            Console(stderr=True).print(
+                f"note: skipped damaged checkpoint(s) {', '.join(damaged)}; resuming from {folder.name}",
+                highlight=False, soft_wrap=True,
+            )  # fmt: skip
+        return folder, step
+    raise DeltaConvError(f"no intact checkpoint to resume from: {'; '.join(damaged)}")
+
+
+@contextlib.contextmanager
+def _trackers(accelerator: Any, config: DistillConfig, out: Path, settings: dict[str, Any]) -> Iterator[None]:
+    """accelerate's experiment trackers (TensorBoard in OUT/tensorboard) when the run asks for them."""
+    if config.report_to == "none":
+        yield
+        return
+    accelerator.init_trackers("tensorboard", config={k: v for k, v in settings.items()
+                                                     if isinstance(v, int | float | str | bool)})  # fmt: skip
+    try:
+        yield
+    finally:
+        accelerator.end_training()
 
 
 def _starting_adapter(
@@ -431,13 +550,8 @@ class MicroBatches(torch.utils.data.Dataset):
         return images, [s.caption for s in samples], [(config.seed, micro_step, i) for i in self.mine]
 
 
-def _train(
-    accelerator, objective, adapter, optimizer, scheduler, dataset, config, out, start, show_progress, on_step
-) -> int:
-    """The optimisation loop from step ``start``; returns the number of steps done."""
-    log = out / "log.jsonl"
-    last_good = _checkpoints(out)[-1] if _checkpoints(out) else None
-    step = start
+def _micro_batches(dataset: Any, config: DistillConfig, start: int, accelerator: Any) -> Iterator[Any]:
+    """This process's micro-batches from step ``start`` on, prepared by a DataLoader."""
     accumulation = config.gradient_accumulation_steps
     micro_batches = MicroBatches(dataset, config, accelerator.process_index, accelerator.num_processes)
     loader = torch.utils.data.DataLoader(
@@ -446,74 +560,120 @@ def _train(
         sampler=range(start * accumulation, config.steps * accumulation),
         num_workers=config.num_workers,
     )
-    batches = iter(loader)
-    with progress_bar(disable=not (show_progress and accelerator.is_main_process)) as progress:
-        task = progress.add_task("distilling", total=config.steps, completed=start, status="")
-        try:
-            while step < config.steps:
-                began = time.perf_counter()
-                terms = _accumulate_gradients(accelerator, objective, batches, config)
-                _stop_if_not_finite(terms, step + 1, last_good)
-                grad_norm = accelerator.clip_grad_norm_(adapter.parameters(), config.max_grad_norm)
-                optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if accelerator.is_main_process:
-                    record = {
-                        "step": step,
-                        **terms,
-                        "grad_norm": float(grad_norm),
-                        "lr": scheduler.get_last_lr()[0],
-                    }
+    return iter(loader)
+
+
+@dataclass
+class TrainingRun:
+    """The state of the optimisation loop: what trains, how, where it is written, and where it stands."""
+
+    accelerator: Any
+    objective: nn.Module
+    adapter: DeltaConvAdapter
+    optimizer: Any
+    scheduler: Any
+    config: DistillConfig
+    out: Path
+    step: int
+    batches: Iterator[Any]
+
+    def train(self, show_progress: bool, on_step: Callable[[int, dict[str, float]], None] | None) -> int:
+        """Optimise from ``step`` to ``config.steps``; returns the number of steps done."""
+        accelerator, config = self.accelerator, self.config
+        start = self.step
+        last_good = _checkpoints(self.out)[-1] if _checkpoints(self.out) else None
+        with progress_bar(disable=not (show_progress and accelerator.is_main_process)) as progress:
+            task = progress.add_task("distilling", total=config.steps, completed=start, status="")
+            try:
+                while self.step < config.steps:
+                    began = time.perf_counter()
+                    terms = self._accumulate_gradients()
+                    _stop_if_not_finite(terms, self.step + 1, last_good, self.out)
+                    grad_norm = accelerator.clip_grad_norm_(self.adapter.parameters(), config.max_grad_norm)
+                    self.optimizer.step()
+                    if not accelerator.optimizer_step_was_skipped:
+                        self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    record = {"step": self.step, **terms, "grad_norm": float(grad_norm),
+                              "lr": self.scheduler.get_last_lr()[0]}  # fmt: skip
                     record["seconds"] = time.perf_counter() - began
-                    with log.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                advance(
-                    progress,
-                    task,
-                    " ".join(f"{k} {terms[k]:.4g}" for k in ("total", "denoise", "teacher", "feature")),
-                )
-                if on_step is not None:
-                    on_step(step, terms)
-                if step % config.checkpoint_every == 0 or step == config.steps:
-                    last_good = _save(accelerator, out, step, adapter, optimizer, scheduler, config)
-        except KeyboardInterrupt:
-            saved = (
-                _save(accelerator, out, step, adapter, optimizer, scheduler, config)
-                if step > start
-                else last_good
-            )
-            message = f"interrupted at step {step}; saved {saved}; continue with --resume"
-            raise DeltaConvError(
-                message if saved else f"interrupted at step {step}, before any checkpoint"
-            ) from None
-    return step
+                    self._log(record)
+                    shown = ("total", "denoise", "teacher", "feature")
+                    advance(progress, task, " ".join(f"{k} {terms[k]:.4g}" for k in shown))
+                    if on_step is not None:
+                        on_step(self.step, terms)
+                    if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                        last_good = self._save()
+            except KeyboardInterrupt:
+                saved = self._save() if self.step > start else last_good
+                message = f"interrupted at step {self.step}; saved {saved}; continue with --resume"
+                raise DeltaConvError(
+                    message if saved else f"interrupted at step {self.step}, before any checkpoint"
+                ) from None
+        return self.step
+
+    def _log(self, record: dict[str, float]) -> None:
+        if self.accelerator.is_main_process:
+            with (self.out / "log.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.config.report_to != "none":
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
+
+    def _accumulate_gradients(self) -> dict[str, float]:
+        """Backward passes of the step's micro-batches; loss terms averaged over them and all processes."""
+        accelerator, accumulation = self.accelerator, self.config.gradient_accumulation_steps
+        terms: dict[str, float] = {}
+        for micro in range(accumulation):
+            batch = next(self.batches)
+            last = micro == accumulation - 1
+            with nullcontext() if last else accelerator.no_sync(self.objective):
+                values = _guard_memory(partial(self.objective, *batch), self.config)
+                accelerator.backward(values["total"] / accumulation)
+            names = sorted(values)
+            stacked = torch.stack([values[k].detach() for k in names]).unsqueeze(0)
+            gathered = accelerator.gather(stacked).mean(0)
+            for name, value in zip(names, gathered.tolist(), strict=True):
+                terms[name] = terms.get(name, 0.0) + value / accumulation
+        return terms
+
+    def _save(self) -> Path:
+        folder = self.out / "checkpoints" / f"step-{self.step:07d}"
+        if self.accelerator.is_main_process:
+            folder = save_checkpoint(self.out, self.step, self.adapter, self.optimizer, self.scheduler)
+            for old in _checkpoints(self.out)[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return folder
 
 
-def _accumulate_gradients(accelerator, objective, batches, config: DistillConfig) -> dict[str, float]:
-    """Backward passes of the step's micro-batches; the loss terms averaged over them and all processes."""
-    accumulation = config.gradient_accumulation_steps
-    terms: dict[str, float] = {}
-    for micro in range(accumulation):
-        batch = next(batches)
-        last = micro == accumulation - 1
-        with nullcontext() if last else accelerator.no_sync(objective):
-            values = _guard_memory(partial(objective, *batch), config)
-            accelerator.backward(values["total"] / accumulation)
-        names = sorted(values)
-        gathered = accelerator.gather(torch.stack([values[k].detach() for k in names]).unsqueeze(0)).mean(0)
-        for name, value in zip(names, gathered.tolist(), strict=True):
-            terms[name] = terms.get(name, 0.0) + value / accumulation
-    return terms
-
-
-def _stop_if_not_finite(terms: dict[str, float], step: int, last_good: Path | None) -> None:
+def _stop_if_not_finite(terms: dict[str, float], step: int, last_good: Path | None, out: Path) -> None:
     bad = [k for k in ("denoise", "teacher", "feature", "total") if not math.isfinite(terms[k])]
-    if bad:
-        kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-        raise NonFiniteLoss(f"loss term {bad[0]!r} is {terms[bad[0]]} at step {step}; stopped, {kept}")
+    if not bad:
+        return
+    if last_good is None:
+        kept = "no checkpoint was written yet"
+    else:
+        kept = f"the last good checkpoint is {last_good}" + _divergence_note(last_good, out)
+    raise NonFiniteLoss(f"loss term {bad[0]!r} is {terms[bad[0]]} at step {step}; stopped, {kept}")
+
+
+def _divergence_note(checkpoint: Path, out: Path) -> str:
+    """How the run looked when ``checkpoint`` was written: its loss against the run's median, and its
+    largest weight, so a user can tell whether it already held diverging weights."""
+    step = int(checkpoint.name.split("-")[1])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r["total"] for r in records if math.isfinite(r["total"])]
+    at_save = next((r["total"] for r in records if r["step"] == step), None)
+    weights = load_file(checkpoint / "adapter" / SAFETENSORS_WEIGHTS_NAME)
+    largest = max((float(t.abs().max()) for t in weights.values()), default=0.0)
+    if at_save is None or not losses:
+        return f" (largest weight {largest:.3g})"
+    median = statistics.median(losses)
+    note = f" (its loss {at_save:.4g}, the run's median {median:.4g}; largest weight {largest:.3g})"
+    if at_save > 4 * median or largest > 1e3:
+        note += "; it may already hold diverging weights: resume from it with a lower --learning-rate"
+    return note
 
 
 def _guard_memory(run: Callable[[], Any], config: DistillConfig) -> Any:
@@ -525,22 +685,6 @@ def _guard_memory(run: Callable[[], Any], config: DistillConfig) -> Any:
             "--gradient-accumulation-steps by the same factor (same effective batch), or use "
             "--gradient-checkpointing"
         ) from None
-
-
-def _save(accelerator, out, step, adapter, optimizer, scheduler, config) -> Path:
-    folder = out / "checkpoints" / f"step-{step:07d}"
-    if accelerator.is_main_process:
-        folder = save_checkpoint(
-            out,
-            step,
-            adapter,
-            optimizer,
-            scheduler,
-        )
-        for old in _checkpoints(out)[: -config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return folder
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -572,21 +716,27 @@ def teacher_student_report(
     data: str,
     config: DistillConfig,
     out: Path,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
     """Teacher vs freshly converted student vs distilled student on fixed prompts and seeds: a grid PNG
-    and agreement numbers (image PSNR/SSIM, denoiser relative error; prompt adherence on the demo)."""
+    and agreement numbers (image PSNR/SSIM, denoiser relative error; prompt adherence on the demo);
+    distill writes the numbers to ``report.json``."""
     from .evaluation import agreement_run
+    from .sampling import SampleSettings, denoising_steps
 
     prompts = report_prompts(data, config)
     trained_state = copy.deepcopy(adapter.state_dict())
-    adapter.load_state_dict(initial_state)
-    initial = agreement_run(
-        pipe, adapter, prompts, config.resolution, config.report_steps, config.report_guidance
-    )
-    adapter.load_state_dict(trained_state)
-    trained = agreement_run(
-        pipe, adapter, prompts, config.resolution, config.report_steps, config.report_guidance
-    )
+    steps = 4 * denoising_steps(len(prompts), SampleSettings(steps=config.report_steps))
+    with progress_bar(disable=not show_progress) as progress:
+        task = progress.add_task("report: teacher vs converted vs distilled", total=steps, status="")
+        runs = {}
+        for name, state in (("converted", initial_state), ("distilled", trained_state)):
+            adapter.load_state_dict(state)
+            runs[name] = agreement_run(
+                pipe, adapter, prompts, config.resolution, config.report_steps, config.report_guidance,
+                on_step=lambda name=name: advance(progress, task, name),
+            )  # fmt: skip
+    initial, trained = runs["converted"], runs["distilled"]
     report: dict[str, Any] = {"prompts": prompts, "seeds": list(range(len(prompts)))}
     for name, run in (("converted", initial), ("distilled", trained)):
         report[name] = {k: v for k, v in run.items() if k not in ("teacher_images", "student_images")}
@@ -600,7 +750,6 @@ def teacher_student_report(
         )
     ]
     save_grid(rows, out / "report.png", ["teacher", "converted", "distilled"], prompts, scale=scale)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from PIL import Image
 
 from .architectures import denoiser_of
 from .errors import DeltaConvError
 from .imaging import psnr, save_grid, ssim
-from .sampling import SampleSettings, generate, pipeline_images
+from .sampling import SampleSettings, StepCallback, check_batch_size, generate, pipeline_images
 from .surgery import DeltaConvAdapter
 
 
@@ -48,8 +49,9 @@ class TrajectoryComparison:
 
 
 def agreement_run(pipe: Any, adapter: DeltaConvAdapter, prompts: list[str], resolution: int | tuple[int, int],
-                  steps: int, guidance: float) -> dict[str, Any]:  # fmt: skip
-    """Teacher and student images for prompts with seeds 0..n-1, and how far apart they are."""
+                  steps: int, guidance: float, on_step: StepCallback = None) -> dict[str, Any]:  # fmt: skip
+    """Teacher and student images for prompts with seeds 0..n-1, and how far apart they are
+    (``2 * denoising_steps(len(prompts), ...)`` denoising steps, each reported to ``on_step``)."""
     size = (resolution, resolution) if isinstance(resolution, int) else resolution
     seeds = list(range(len(prompts)))
     settings = SampleSettings(steps=steps, guidance=guidance)
@@ -57,10 +59,10 @@ def agreement_run(pipe: Any, adapter: DeltaConvAdapter, prompts: list[str], reso
     handle = denoiser_of(pipe).register_forward_hook(comparison, with_kwargs=True)
     try:
         with adapter.bypassed():
-            teacher = generate(pipe, prompts, seeds, size, settings)
+            teacher = generate(pipe, prompts, seeds, size, settings, on_step=on_step)
     finally:
         handle.remove()
-    student = generate(pipe, prompts, seeds, size, settings)
+    student = generate(pipe, prompts, seeds, size, settings, on_step=on_step)
     result: dict[str, Any] = {
         "psnr_db": psnr(teacher, student),
         "ssim": ssim(teacher, student),
@@ -91,6 +93,7 @@ def domain_adherence(prompts: list[str], *image_sets: list[np.ndarray]) -> tuple
 
 # ----------------------------------------------------------------------------------------------- eval
 
+FEATURES = ("inception", "domain")
 INCEPTION_FILE = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid looks for its Inception weights
 INCEPTION_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -153,6 +156,15 @@ class EvalSettings:
     trajectory_prompts: int = 8
     timing_images: int = 2
 
+    def check(self) -> None:
+        """A clear error for settings no model can use (checked before any model is loaded)."""
+        SampleSettings(self.steps, self.guidance, self.height, self.width, self.scheduler).check()
+        check_batch_size(self.batch_size)
+        if self.trajectory_prompts < 0:
+            raise DeltaConvError(f"trajectory prompts must be >= 0, got {self.trajectory_prompts}")
+        if self.feature not in (None, *FEATURES):
+            raise DeltaConvError(f"FID features must be {' or '.join(FEATURES)}, got {self.feature!r}")
+
 
 @dataclass
 class SystemResult:
@@ -196,7 +208,9 @@ def read_prompts(spec: str) -> tuple[list[str], str | None]:
         try:
             count = int(spec.split(":", 1)[1])
         except ValueError:
-            raise DeltaConvError(f"--prompts {DEMO}:N takes a number, got {spec!r}") from None
+            count = 0
+        if count < 1:
+            raise DeltaConvError(f"prompts {DEMO}:N takes a positive number of captions, got {spec!r}")
         return held_out_captions(count)[0], DEMO
     path = Path(spec)
     if not path.is_file():
@@ -210,9 +224,7 @@ def read_prompts(spec: str) -> tuple[list[str], str | None]:
 def _fingerprint(settings: dict[str, Any], adapter: str | None) -> dict[str, Any]:
     digest = None
     if adapter is not None:
-        digest = hashlib.sha256(
-            (Path(adapter) / "diffusion_pytorch_model.safetensors").read_bytes()
-        ).hexdigest()
+        digest = hashlib.sha256((Path(adapter) / SAFETENSORS_WEIGHTS_NAME).read_bytes()).hexdigest()
     return {**settings, "adapter": adapter, "adapter_sha256": digest}
 
 
@@ -259,6 +271,9 @@ def evaluate(
     from .sampling import load_for_sampling, resolve_size, save_png, set_scheduler
 
     note = on_progress or (lambda message: None)
+    if not prompts:
+        raise DeltaConvError("no prompts given")
+    settings.check()
     out = Path(out)
     loaded = load_for_sampling(model, None, device, dtype)
     if loaded.adapter is not None and adapter is None:

@@ -1,13 +1,17 @@
 """``deltaconv sample``: images from a converted model (and from the original with the same seeds).
 
-Each image has its own CPU generator seeded by its seed, so an image depends only on (prompt, seed,
-settings, device), not on batching or on how many processes share the work. Under ``accelerate launch``
-the (prompt, seed) jobs are split between processes with accelerate's ``split_between_processes``.
+Each image has its own CPU generator seeded by its seed, so its initial noise depends only on its seed,
+not on batching or on how many processes share the work. The same settings and batch size give the same
+pixels; another batch size can change a pixel by one grey level, because CPU and GPU math libraries pick
+other kernels (other summation orders) for other batch shapes. Under ``accelerate launch`` the
+(prompt, seed) jobs are split between processes with accelerate's ``split_between_processes``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +39,7 @@ from .loading import load_adapter, load_model, locate_model
 from .progress import advance, progress_bar
 from .surgery import DeltaConvAdapter
 
+StepCallback = Callable[[], None] | None  # called after every denoising step (progress)
 SCHEDULERS = {
     "ddim": DDIMScheduler,
     "euler": EulerDiscreteScheduler,
@@ -54,6 +59,28 @@ class SampleSettings:
     width: int | None = None
     scheduler: str | None = None  # default: the pipeline's own
     negative_prompt: str | None = None
+
+    def check(self) -> None:
+        """A clear error for settings no model can use (checked before any model is loaded)."""
+        if self.steps < 1:
+            raise DeltaConvError(f"steps must be at least 1, got {self.steps}")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise DeltaConvError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        for name, value in (("height", self.height), ("width", self.width)):
+            if value is not None and value <= 0:
+                raise DeltaConvError(f"{name} must be a positive number of pixels, got {value}")
+        if self.scheduler is not None:
+            check_scheduler(self.scheduler)
+
+
+def check_scheduler(name: str) -> None:
+    if name not in SCHEDULERS:
+        raise DeltaConvError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise DeltaConvError(f"batch size must be at least 1, got {batch_size}")
 
 
 @dataclass
@@ -101,8 +128,8 @@ def resolve_size(loaded: LoadedModel, height: int | None, width: int | None) -> 
     denoiser = denoiser_of(loaded.pipe)
     native = denoiser.config.sample_size
     native = native if isinstance(native, int) else native[0]
-    height = height or native * loaded.vae_factor
-    width = width or native * loaded.vae_factor
+    height = native * loaded.vae_factor if height is None else height
+    width = native * loaded.vae_factor if width is None else width
     step = loaded.vae_factor * latent_stride(denoiser)
     if height <= 0 or width <= 0 or height % step or width % step:
         examples = ", ".join(str(step * k) for k in (1, 2, 4, 8))
@@ -116,19 +143,24 @@ def resolve_size(loaded: LoadedModel, height: int | None, width: int | None) -> 
 def set_scheduler(pipe: Any, name: str | None) -> str:
     if name is None:
         return type(pipe.scheduler).__name__
-    if name not in SCHEDULERS:
-        raise DeltaConvError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    check_scheduler(name)
     pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
     return type(pipe.scheduler).__name__
 
 
 def pipeline_images(pipe: Any, prompts: list[str], seeds: list[int], size: tuple[int, int],
-                    settings: SampleSettings) -> list[np.ndarray]:  # fmt: skip
+                    settings: SampleSettings, on_step: StepCallback = None) -> list[np.ndarray]:  # fmt: skip
     """uint8 images for (prompt, seed) pairs, each latent drawn from a CPU generator seeded by its seed
-    (so an image does not depend on what else is in the batch)."""
+    (so its starting noise does not depend on what else is in the batch); ``on_step`` is called after
+    every denoising step."""
     extra: dict[str, Any] = {}
-    if "use_resolution_binning" in _call_parameters(pipe):  # PixArt would otherwise snap to its own sizes
+    parameters = _call_parameters(pipe)
+    if "use_resolution_binning" in parameters:  # PixArt would otherwise snap to its own sizes
         extra["use_resolution_binning"] = False
+    if on_step is not None and "callback_on_step_end" in parameters:
+        extra["callback_on_step_end"] = lambda pipe, i, t, tensors: (on_step(), {})[1]
+    elif on_step is not None and "callback" in parameters:  # PixArt's older per-step callback
+        extra["callback"], extra["callback_steps"] = lambda i, t, latents: on_step(), 1
     if settings.negative_prompt is not None:
         extra["negative_prompt"] = [settings.negative_prompt] * len(prompts)
     output = pipe(
@@ -145,13 +177,18 @@ def pipeline_images(pipe: Any, prompts: list[str], seeds: list[int], size: tuple
 
 
 def generate(pipe: Any, prompts: list[str], seeds: list[int], size: tuple[int, int], settings: SampleSettings,
-             batch_size: int = 8) -> list[np.ndarray]:  # fmt: skip
+             batch_size: int = 8, on_step: StepCallback = None) -> list[np.ndarray]:  # fmt: skip
     """:func:`pipeline_images` in batches of ``batch_size``."""
     images: list[np.ndarray] = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
-        images += pipeline_images(pipe, prompts[chunk], seeds[chunk], size, settings)
+        images += pipeline_images(pipe, prompts[chunk], seeds[chunk], size, settings, on_step)
     return images
+
+
+def denoising_steps(prompts: int, settings: SampleSettings, batch_size: int = 8) -> int:
+    """How many denoising steps :func:`generate` runs (for progress totals)."""
+    return math.ceil(prompts / batch_size) * settings.steps
 
 
 def _call_parameters(pipe: Any) -> set[str]:
@@ -208,6 +245,8 @@ def sample(
 
     if not prompts:
         raise DeltaConvError("no prompts given")
+    settings.check()
+    check_batch_size(batch_size)
     state = PartialState()
     loaded = load_for_sampling(model, adapter, device or str(state.device), dtype)
     if compare and loaded.adapter is None:
@@ -226,22 +265,23 @@ def sample(
         state.split_between_processes(jobs) as mine,
         progress_bar(not show_progress or not state.is_main_process) as bar,
     ):
-        task = bar.add_task("sampling", total=len(mine) * len(systems), status="")
-        for start in range(0, len(mine), batch_size):
+        batches = math.ceil(len(mine) / batch_size)
+        task = bar.add_task("sampling", total=batches * len(systems) * settings.steps, status="")
+        for number, start in enumerate(range(0, len(mine), batch_size), start=1):
             chunk = mine[start : start + batch_size]
             for system in systems:
-                with loaded.adapter.bypassed() if system == "original" else nullcontext():
+                bypass = compare and system == "original"  # a plain model has no adapter to bypass
+                status = f"{system}, batch {number}/{batches} ({len(chunk)} images)"
+                with loaded.adapter.bypassed() if bypass else nullcontext():
                     images = pipeline_images(
-                        loaded.pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk], size, settings
-                    )
+                        loaded.pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk], size, settings,
+                        on_step=lambda status=status: advance(bar, task, status),
+                    )  # fmt: skip
                 folder = out / "original" if system == "original" and compare else out
                 for (index, prompt, seed), image in zip(chunk, images, strict=True):
-                    save_png(
-                        image,
-                        folder / image_name(index, seed),
-                        {**base, "system": system, "prompt": prompt, "seed": seed},
-                    )
-                advance(bar, task, system, steps=len(chunk))
+                    adapter_used = None if system == "original" else loaded.adapter_path
+                    metadata = {**base, "adapter": adapter_used, "system": system, "prompt": prompt}
+                    save_png(image, folder / image_name(index, seed), {**metadata, "seed": seed})
     state.wait_for_everyone()
     if not state.is_main_process:
         return None

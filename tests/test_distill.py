@@ -290,3 +290,80 @@ def test_two_processes_match_one(saved_pipelines, image_folder, tmp_path):
     one, two = (adapter_weights(tmp_path / name / "adapter") for name in ("one", "two"))
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mixer", "foo"], "setting mixer must be one of deltaconv, linfusion, got 'foo'"),
+        (["--set", "gate=relu"], "setting gate must be one of scaled, sigmoid, got 'relu'"),
+        (["--set", "feature=bad"], "setting feature must be one of residual, attention_output, got 'bad'"),
+        (["--learning-rate", "-1"], "setting learning_rate must be a positive number, got -1.0"),
+        (["--batch-size", "0"], "setting batch_size must be at least 1, got 0"),
+        (["--set", "caption_dropout=2"], "setting caption_dropout must be a probability in [0, 1], got 2"),
+        (["--set", "report_to=wandb"], "setting report_to must be one of none, tensorboard, got 'wandb'"),
+        (["-k", "4"], "kernel sizes must be positive odd numbers, got 4"),
+    ],
+)
+def test_bad_settings_fail_before_any_model_is_loaded(
+    args, message, saved_pipelines, image_folder, tmp_path, monkeypatch
+):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(distillation, "load_model", no_loading)
+    out = tmp_path / "run"
+    line = cli_error(saved_pipelines["sd1"], "--data", image_folder, "--out", out, *args)
+    assert line == f"error: {message}"
+    assert not out.exists()
+
+
+def test_a_failure_on_the_first_batch_leaves_no_run_folder(saved_pipelines, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.png").write_bytes(b"not an image")
+    (data / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "a cat"}\n')
+    out = tmp_path / "run"
+    assert "cannot read image" in cli_error(saved_pipelines["sd1"], "--data", data, "--out", out)
+    assert not out.exists()
+
+
+def test_a_failure_before_the_first_checkpoint_leaves_no_run_folder(
+    saved_pipelines, image_folder, tmp_path, monkeypatch
+):
+    def broken(self, *args):
+        raise DeltaConvError("broken on purpose")
+
+    monkeypatch.setattr(DistillationObjective, "forward", broken)
+    with pytest.raises(DeltaConvError, match="broken on purpose"):
+        run(saved_pipelines["sd1"], image_folder, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_passes_over_a_damaged_checkpoint(saved_pipelines, image_folder, tmp_path):
+    folder, data = str(saved_pipelines["sd1"]), str(image_folder)
+    run(saved_pipelines["sd1"], image_folder, tmp_path / "straight")
+    run(saved_pipelines["sd1"], image_folder, tmp_path / "run", steps=4, checkpoint_every=1)
+    newest = tmp_path / "run" / "checkpoints" / "step-0000004"
+    (newest / "state.json").write_text("{not json")
+    result = runner.invoke(app, ["distill", folder, "--data", data, "--out", str(tmp_path / "run"),
+                                 "--resume", "--recipe", "demo",
+                                 *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), [])])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "skipped damaged checkpoint(s) step-0000004" in result.stderr
+    assert "resuming from step-0000003" in result.stderr
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["resumed_from"].endswith("step-0000003")
+    straight, resumed = (adapter_weights(tmp_path / name / "adapter") for name in ("straight", "run"))
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
+    for checkpoint in (tmp_path / "run" / "checkpoints").iterdir():
+        (checkpoint / "state.json").write_text("")
+    message = cli_error(folder, "--data", data, "--out", tmp_path / "run", "--resume",
+                        *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), []))  # fmt: skip
+    assert message.startswith("error: no intact checkpoint to resume from: step-0000004 (")
+
+
+def test_losses_go_to_tensorboard_when_asked(saved_pipelines, image_folder, tmp_path):
+    pytest.importorskip("tensorboard")
+    run(saved_pipelines["sd1"], image_folder, tmp_path / "run", steps=2, report_to="tensorboard")
+    assert list((tmp_path / "run").glob("tensorboard/**/events.out.tfevents.*"))
