@@ -1,4 +1,4 @@
-"""``deltaconv analyze``: how local is each self-attention layer (the observation behind DESIGN 1)?
+"""``deltaconv analyze``: how local is each self-attention layer (the observation behind docs/method.md §1)?
 
 A recording attention processor on every self-attention computes the layer's output as usual and, for a
 sample of query positions (in chunks, so memory stays bounded), the head-averaged attention map. The

@@ -18,8 +18,8 @@ SUPPORTED_TEXT = (
     "UNet2DConditionModel (SD 1.x, SD 2.x, SDXL) and PixArtTransformer2DModel (PixArt-alpha/Sigma)"
 )
 
-# The authors' kernel sizes (DESIGN 1.2). "down" runs from high to low resolution (down_blocks order),
-# "up" from low to high resolution (up_blocks order).
+# The authors' kernel sizes (docs/method.md §1.2). "down" runs from high to low resolution
+# (down_blocks order), "up" from low to high resolution (up_blocks order).
 FAMILY_KERNEL_SIZES: dict[str, dict[str, Any]] = {
     "sd": {"down": (7, 9, 5), "mid": 3, "up": (5, 9, 11)},
     "sdxl": {"down": (9, 7), "mid": 9, "up": (9, 13)},

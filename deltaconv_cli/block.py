@@ -1,4 +1,4 @@
-"""The ΔConvBlock: a pyramid of depthwise convolutions plus a global pooling branch (DESIGN 1.1).
+"""The ΔConvBlock: a pyramid of depthwise convolutions plus a global pooling branch (docs/method.md §1.1).
 
 It takes the place of a self-attention layer. Input and output are channels-last token grids
 ``(B, H, W, C)``; cost grows linearly with H * W.

@@ -209,7 +209,7 @@ def distill(
     ] = [],  # noqa: B006
     json_out: JsonOption = None,
 ) -> None:
-    """Distil new blocks from the frozen teacher (DESIGN 1.3); runs under `accelerate launch` too."""
+    """Distil new blocks from the frozen teacher (docs/method.md §1.3); runs under `accelerate launch` too."""
     from . import distill as distillation
     from .architectures import family_of
     from .loading import locate_model

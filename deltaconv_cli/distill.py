@@ -1,4 +1,4 @@
-"""``deltaconv distill``: teacher-student distillation of the new blocks (DESIGN 1.3), through accelerate.
+"""``deltaconv distill``: distillation of the new blocks from the teacher (docs/method.md §1.3).
 
 The teacher is the original model; the student is the same model with the blocks mounted, so one copy
 of the weights serves both (the teacher view is ``adapter.bypassed()``). Per step and sample: encode the
@@ -222,7 +222,7 @@ def _residual_tap(block: nn.Module) -> nn.Module:
 
 
 class DistillationObjective(nn.Module):
-    """Teacher and student forward passes of one micro-batch and the loss terms of DESIGN 1.3."""
+    """Teacher and student forward passes of one micro-batch and the loss terms of docs/method.md §1.3."""
 
     def __init__(self, pipe: Any, adapter: DeltaConvAdapter, config: DistillConfig) -> None:
         super().__init__()
@@ -690,18 +690,31 @@ def _guard_memory(run: Callable[[], Any], config: DistillConfig) -> Any:
 # ----------------------------------------------------------------------------------------------- report
 
 
+def smoothed(values: list[float], window: int) -> np.ndarray:
+    """Trailing mean over the last ``window`` values (fewer at the start): the trend under per-step noise."""
+    sums = np.cumsum(np.asarray(values, dtype=np.float64))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    shifted = np.concatenate([np.zeros(window), sums])[: len(values)]
+    return (sums - shifted) / counts
+
+
 def plot_losses(log: Path, path: Path) -> None:
-    """PNG of every loss term against the step (log scale)."""
+    """PNG of every loss term against the step (log scale): raw values faint, a trailing mean over
+    about a twentieth of the run drawn over them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in records]
+    window = max(1, len(records) // 20)
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in ("total", "denoise", "teacher", "feature"):
-        ax.plot([r["step"] for r in records], [r[key] for r in records], label=key, lw=1)
-    ax.set(yscale="log", xlabel="step", ylabel="loss", title="distillation losses")
+        values = [r[key] for r in records]
+        (raw,) = ax.plot(steps, values, lw=0.6, alpha=0.3)
+        ax.plot(steps, smoothed(values, window), color=raw.get_color(), lw=1.6, label=key)
+    ax.set(yscale="log", xlabel="step", ylabel="loss", title=f"distillation losses (mean of {window} steps)")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,9 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
 
 
+CHAR_W, LINE_H = 6, 12  # PIL's default bitmap font
+
+
 def save_grid(
     rows: Sequence[Sequence[np.ndarray]],
     path: Path,
@@ -23,26 +27,34 @@ def save_grid(
     row_labels: Sequence[str] = (),
     scale: int = 1,
 ) -> None:
-    """Write uint8 images as a labelled grid PNG (rows x columns; cells may differ in size)."""
+    """Write uint8 images as a labelled grid PNG (rows x columns; cells may differ in size).
+
+    Each row's label is written above it, wrapped to the grid's width, so the images keep the width."""
     cell_h = max(img.shape[0] for row in rows for img in row) * scale
     cell_w = max(img.shape[1] for row in rows for img in row) * scale
-    header = 16 if column_labels else 0
-    label_w = 8 + 6 * max((len(label) for label in row_labels), default=0) if row_labels else 0
-    label_w = min(label_w, 420)
     columns = max(len(row) for row in rows)
-    canvas = Image.new("RGB", (label_w + columns * (cell_w + 2), header + len(rows) * (cell_h + 2)), "white")
+    width = columns * (cell_w + 2)
+    header = LINE_H + 4 if column_labels else 0
+    wrapped = [
+        textwrap.wrap(label, max(8, width // CHAR_W - 1))[:3] if r < len(row_labels) else []
+        for r, label in enumerate([*row_labels, *[""] * (len(rows) - len(row_labels))][: len(rows)])
+    ]
+    label_h = [len(lines) * LINE_H + 4 if lines else 0 for lines in wrapped]
+    canvas = Image.new("RGB", (width, header + sum(label_h) + len(rows) * (cell_h + 2)), "white")
     draw = ImageDraw.Draw(canvas)
     for c, label in enumerate(column_labels):
-        draw.text((label_w + c * (cell_w + 2) + 2, 2), label, fill="black")
-    for r, row in enumerate(rows):
-        top = header + r * (cell_h + 2)
-        if r < len(row_labels):
-            draw.text((2, top + cell_h // 2 - 6), row_labels[r][:70], fill="black")
+        draw.text((c * (cell_w + 2) + 2, 2), label[: (cell_w - 2) // CHAR_W], fill="black")
+    top = header
+    for row, lines, above in zip(rows, wrapped, label_h, strict=True):
+        for i, line in enumerate(lines):
+            draw.text((2, top + 2 + i * LINE_H), line, fill=(60, 60, 60))
+        top += above
         for c, img in enumerate(row):
             tile = Image.fromarray(img)
             if scale != 1:
                 tile = tile.resize((img.shape[1] * scale, img.shape[0] * scale), Image.Resampling.NEAREST)
-            canvas.paste(tile, (label_w + c * (cell_w + 2), top))
+            canvas.paste(tile, (c * (cell_w + 2), top))
+        top += cell_h + 2
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 

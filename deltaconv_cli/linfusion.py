@@ -1,4 +1,4 @@
-"""LinFusion's generalized linear attention (Liu et al. 2024; DESIGN 2), the peer we compare against.
+"""LinFusion's generalized linear attention (Liu et al. 2024; docs/method.md §2), the peer we compare against.
 
 q = to_q(x + mlp_q(x)), k = to_k(x + mlp_k(x)), v = to_v(x), with mlp = Linear-LayerNorm-LeakyReLU-Linear;
 phi = elu + 1 on q and k; per head out = phi(q) (phi(k)^T v / N) / (phi(q) mean(phi(k)) + 1e-4); to_out.

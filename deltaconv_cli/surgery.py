@@ -88,7 +88,7 @@ def _stages(sites: Sequence[SelfAttentionSite], prefix: str) -> list[str]:
 
 
 def default_kernel_sizes(model: Any) -> dict[str, int]:
-    """The authors' kernel size for each stage of this model (DESIGN 1.2).
+    """The authors' kernel size for each stage of this model (docs/method.md §1.2).
 
     A model with fewer or more attention stages than the family's reference model takes the
     reference values from the high-resolution end; extra low-resolution stages repeat the

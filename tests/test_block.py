@@ -1,4 +1,4 @@
-"""The ΔConvBlock against an independent functional reference of DESIGN 1.1."""
+"""The ΔConvBlock against an independent functional reference of docs/method.md §1.1."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from deltaconv_cli.block import DeltaConvBlock
 
 
 def reference(block: DeltaConvBlock, x: torch.Tensor) -> torch.Tensor:
-    """DESIGN 1.1 step by step with torch.nn.functional, reading the block's weights."""
+    """docs/method.md §1.1 step by step with torch.nn.functional, reading the block's weights."""
     batch, height, width, channels = x.shape
     inner = block.inner_channels
     u = F.linear(x, block.proj_in.weight, block.proj_in.bias).permute(0, 3, 1, 2)
@@ -78,7 +78,7 @@ def test_cuda_matches_cpu():
 
 @pytest.mark.parametrize("channels,kernel_size", [(64, 3), (320, 7), (1280, 13)])
 def test_parameter_count_formula(channels, kernel_size):
-    # DESIGN 1.1: 2C^2 + k^2 C + O(C); O(C) = biases: C/2 (in), 2 x C/2 (convs), C (out), C (global).
+    # docs/method.md §1.1: 2C^2 + k^2 C + O(C); O(C) = biases: C/2 (in), 2 x C/2 (convs), C (out), C (global).
     block = DeltaConvBlock(channels, kernel_size)
     expected = 2 * channels**2 + kernel_size**2 * channels + channels // 2 + channels + 2 * channels
     assert sum(p.numel() for p in block.parameters()) == expected

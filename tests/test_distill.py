@@ -367,3 +367,8 @@ def test_losses_go_to_tensorboard_when_asked(saved_pipelines, image_folder, tmp_
     pytest.importorskip("tensorboard")
     run(saved_pipelines["sd1"], image_folder, tmp_path / "run", steps=2, report_to="tensorboard")
     assert list((tmp_path / "run").glob("tensorboard/**/events.out.tfevents.*"))
+
+
+def test_loss_plot_trend_is_a_trailing_mean():
+    np.testing.assert_allclose(distillation.smoothed([1, 2, 3, 4, 5, 6], 3), [1, 1.5, 2, 3, 4, 5])
+    np.testing.assert_allclose(distillation.smoothed([2.0, 4.0], 1), [2.0, 4.0])

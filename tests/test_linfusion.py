@@ -1,4 +1,4 @@
-"""LinFusion's generalized linear attention (the baseline) against DESIGN 2, and as a mountable mixer."""
+"""LinFusion's generalized linear attention (the baseline) against docs/method.md §2, mounted as a mixer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from deltaconv_cli.surgery import DeltaConvAdapter
 
 
 def reference(m: LinFusionAttention, x: torch.Tensor) -> torch.Tensor:
-    """DESIGN 2 written out per head with explicit sums."""
+    """docs/method.md §2 written out per head with explicit sums."""
     b, h, w, c = x.shape
     t = x.reshape(b, h * w, c)
     q = m.to_q(t + m.mlp_q(t))

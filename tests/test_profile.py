@@ -24,7 +24,7 @@ runner = CliRunner()
 
 
 def closed_forms(h: int, w: int, c: int, heads: int, k: int) -> dict[str, int]:
-    """DESIGN 1.1 and 2, with the half-scale branch on the floor(H/2) x floor(W/2) grid."""
+    """docs/method.md §1.1 and §2, with the half-scale branch on the floor(H/2) x floor(W/2) grid."""
     n, d = h * w, c // heads
     return {
         "attention": 4 * n * c * c + 2 * n * n * c,
@@ -107,7 +107,7 @@ def test_sd15_at_512_by_the_formulas():
 
 def test_paper_ratio_crossing_for_sd15():
     report = profile("sd15", [(512, 512)])
-    # DESIGN 1.4: by the formulas the ratio passes ~7000x near 16K px.
+    # docs/method.md §1.1: by the formulas the ratio passes ~7000x near 16K px.
     assert report.paper_ratio_passed_at == 14400
     assert report.ratio_at_crossing >= 6929
 

@@ -217,6 +217,9 @@ def test_compare_metadata_names_the_adapter_only_on_the_student(converted, tmp_p
     assert Image.open(tmp_path / "original" / "p00000-s0.png").text["adapter"] == "None"
 
 
+DEMO_N = "prompts demo:N takes a positive number of captions, got"
+
+
 @pytest.mark.parametrize(
     ("command", "args", "message"),
     [
@@ -225,11 +228,11 @@ def test_compare_metadata_names_the_adapter_only_on_the_student(converted, tmp_p
         ("sample", ["-p", "x", "--batch-size", "0"], "batch size must be at least 1, got 0"),
         ("sample", ["-p", "x", "--steps", "0"], "steps must be at least 1, got 0"),
         ("sample", ["-p", "x", "--guidance", "nan"], "guidance must be a finite number >= 0, got nan"),
-        ("sample", ["--prompts", "demo:0"], "prompts demo:N takes a positive number of captions, got 'demo:0'"),
-        ("eval", ["--prompts", "demo:0"], "prompts demo:N takes a positive number of captions, got 'demo:0'"),
-        ("eval", ["--prompts", "demo:x"], "prompts demo:N takes a positive number of captions, got 'demo:x'"),
+        ("sample", ["--prompts", "demo:0"], f"{DEMO_N} 'demo:0'"),
+        ("eval", ["--prompts", "demo:0"], f"{DEMO_N} 'demo:0'"),
+        ("eval", ["--prompts", "demo:x"], f"{DEMO_N} 'demo:x'"),
         ("eval", ["--prompts", "demo:2", "--batch-size", "0"], "batch size must be at least 1, got 0"),
-        ("eval", ["--prompts", "demo:2", "--height", "0"], "height must be a positive number of pixels, got 0"),
+        ("eval", ["--prompts", "demo:2", "--height", "0"], "height must be a positive number of pixels"),
         ("eval", ["--prompts", "demo:2", "--feature", "dino"], "FID features must be inception or domain"),
     ],
 )
@@ -246,3 +249,14 @@ def test_bad_settings_fail_before_any_model_is_loaded(command, args, message, tm
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}")
     assert not out.exists()
+
+
+def test_grid_gives_the_images_the_whole_width(tmp_path):
+    from deltaconv_cli.imaging import save_grid
+
+    images = real_images(14, 3)
+    save_grid([images], tmp_path / "g.png", ["a", "b", "c"], ["a long caption " * 20], scale=2)
+    grid = Image.open(tmp_path / "g.png")
+    assert grid.width == 3 * (64 * 2 + 2)
+    first = np.asarray(grid.convert("RGB"))[grid.height - 2 - 128 : grid.height - 2, :128]
+    np.testing.assert_array_equal(first[::2, ::2], images[0])
