@@ -94,7 +94,7 @@ class LayerLocality:
     global_share: float  # mass a constant floor spreads over the whole grid
     kernel_size: int  # the ΔConvBlock's kernel at this stage
     delta_conv_coverage: float  # mass inside its receptive field (both scales)
-    recommended_kernel_size: int
+    recommended_kernel_size: int  # smallest window holding 90 % of the mass above the uniform floor
     local: bool  # r90 below half of the uniform map's, and most mass outside the global floor
     pattern: list[list[float]] = field(repr=False)  # mean weight by offset (dy, dx) within WINDOW
 
@@ -111,8 +111,10 @@ def _radius(cumulative: np.ndarray, level: float) -> float:
     return float(start + (r + 0.5 - start) * (level - low) / max(cumulative[r] - low, 1e-12))
 
 
-def summarize(stats: LocalityStats, name: str, stage: str, band: str, kernel_size: int) -> LayerLocality:
-    """Decay, radii, power-law fit, global floor, ΔConv coverage and kernel recommendation of one layer."""
+def summarize(stats: LocalityStats, name: str, stage: str, band: str, kernel_size: int,
+              local_share: float = 0.9) -> LayerLocality:  # fmt: skip
+    """Decay, radii, power-law fit, global floor, ΔConv coverage and kernel recommendation of one layer
+    (the smallest kernel whose receptive field holds ``local_share`` of the mass above the floor)."""
     mass = stats.radial_mass.numpy()
     pairs = stats.radial_pairs.numpy()
     total = mass.sum()
@@ -146,9 +148,19 @@ def summarize(stats: LocalityStats, name: str, stage: str, band: str, kernel_siz
     def coverage(k: int) -> float:
         return float(cheb_cumulative[min(delta_conv_reach(k), len(cheb_cumulative) - 1)])
 
-    # Smallest kernel whose window holds 90 % of the mass the global branch does not explain.
-    target = global_share + 0.9 * (1 - global_share)
-    recommended = next((k for k in KERNEL_CHOICES if coverage(k) >= target), KERNEL_CHOICES[-1])
+    # The uniform floor is the pooling branch's job; the kernel is sized for what lies above it: the
+    # smallest window holding `local_share` of the local mass (any kernel, when there is none).
+    local_cheb = np.clip(stats.cheb_mass.numpy() - floor * stats.cheb_pairs.numpy(), 0.0, None)
+    recommended = KERNEL_CHOICES[0]
+    if local_cheb.sum() > 1e-9 * stats.cheb_mass.sum().item():
+        local_cumulative = np.cumsum(local_cheb) / local_cheb.sum()
+
+        def local_coverage(k: int) -> float:
+            return float(local_cumulative[min(delta_conv_reach(k), len(local_cumulative) - 1)])
+
+        recommended = next(
+            (k for k in KERNEL_CHOICES if local_coverage(k) >= local_share - 1e-9), KERNEL_CHOICES[-1]
+        )
     side = 2 * WINDOW + 1
     pattern = (stats.window_mass / stats.window_pairs.clamp(min=1)).reshape(side, side)
     return LayerLocality(

@@ -24,7 +24,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Piped or redirected output keeps whole tables (rich would cut them to 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 1000)
 err_console = Console(stderr=True)
 
 JsonOption = Annotated[
@@ -355,7 +356,8 @@ def eval_command(
         str | None, typer.Option(help="Real-image folder, 'original', or demo (default on the demo).")
     ] = None,
     feature: Annotated[
-        str | None, typer.Option(help="FID features: inception or domain (demo default).")
+        str | None,
+        typer.Option(help="FID features: inception (real models) or domain (demo only; its default)."),
     ] = None,
     clip: Annotated[str | None, typer.Option(help="Local CLIP model folder for CLIP score.")] = None,
     seed: Annotated[int, typer.Option(help="Prompt i uses seed + i.")] = 0,
@@ -390,6 +392,8 @@ def eval_command(
             on_progress=None if quiet else status.update,
         )  # fmt: skip
     write_json(json_out, asdict(report))
+    for warning in report.warnings:  # on stderr, so also beside --json -
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if quiet:
         return
     size = f"{report.height}x{report.width}"
@@ -416,6 +420,8 @@ def eval_command(
     console.print(
         f"FID reference: {report.reference or 'none given'}; grid: {report.grid}; JSON: {out / 'eval.json'}"
     )
+    for metric, why in report.skipped.items():
+        console.print(f"skipped {metric}: {why}", highlight=False)
 
 
 @app.command()
@@ -555,89 +561,14 @@ def profile(
         profiling.plot(report, plot_out)
     if quiet:
         return
-    _print_profile(report, measure)
+    from .reports import profile_notes, profile_tables
+
+    for table in profile_tables(report, measure):
+        console.print(table)
+    for note in profile_notes(report):
+        console.print(note, highlight=False)
     if plot_out is not None:
         console.print(f"plot: {plot_out}")
-
-
-def _print_profile(report: Any, measured: bool) -> None:
-    from .profile import MIXERS, human_bytes, human_count
-
-    title = f"{report.model} ({report.denoiser_class}): multiply-adds per image, all self-attention sites"
-    summary = Table(title=title)
-    columns = ["resolution", "top grid", "attention", "ΔConv", "LinFusion", "attn/ΔConv", "LinFusion/ΔConv"]
-    columns += ["attn share of denoiser"]
-    if measured:
-        columns += ["step ms: attention", "ΔConv", "LinFusion"]
-    for column in columns:
-        summary.add_column(column, justify="right")
-    for r in report.resolutions:
-        top = max((layer.grid for layer in r.layers), key=lambda g: g[0] * g[1])
-        row = [f"{r.height}x{r.width}", f"{top[0]}x{top[1]}"]
-        row += [human_count(r.total(m)) for m in MIXERS]
-        row += [
-            f"{r.attention_over_deltaconv:,.1f}x",
-            f"{r.linfusion_over_deltaconv:.2f}x",
-            f"{r.attention_share:.1%}",
-        ]
-        if measured:
-            row += [f"{r.step_latency_ms[m]:,.0f}" if m in r.step_latency_ms else "skipped" for m in MIXERS]
-        summary.add_row(*row)
-    console.print(summary)
-
-    for r in report.resolutions:
-        table = Table(title=f"{r.height}x{r.width}: per layer shape (n = layers of that shape)")
-        columns = [
-            "stage",
-            "grid",
-            "C",
-            "k",
-            "n",
-            "MACs attn",
-            "ΔConv",
-            "LinFusion",
-            "act. attn",
-            "ΔConv",
-            "LinFusion",
-        ]
-        if measured:
-            columns += ["ms attn", "ΔConv", "LinFusion"]
-        for column in columns:
-            table.add_column(column, justify="left" if column == "stage" else "right")
-        shapes: dict[tuple, list] = {}
-        for layer in r.layers:
-            shapes.setdefault((layer.stage, layer.grid, layer.channels, layer.kernel_size), []).append(layer)
-        for (stage, grid, channels, k), layers in shapes.items():
-            first = layers[0]
-            row = [stage, f"{grid[0]}x{grid[1]}", str(channels), str(k), str(len(layers))]
-            row += [human_count(getattr(first, m).macs) for m in MIXERS]
-            row += [human_count(getattr(first, m).params) for m in MIXERS]
-            row += [human_bytes(getattr(first, m).activation_bytes) for m in MIXERS]
-            if measured:
-                row += [
-                    f"{getattr(first, m).latency_ms:,.2f}"
-                    if getattr(first, m).latency_ms is not None
-                    else "skipped"
-                    for m in MIXERS
-                ]
-            table.add_row(*row)
-        console.print(table)
-        skipped = {
-            f"{m} {layer.grid[0]}x{layer.grid[1]}x{layer.channels}": getattr(layer, m).skipped
-            for layer in r.layers
-            for m in MIXERS
-            if getattr(layer, m).skipped
-        }
-        skipped.update({f"{m} step": why for m, why in r.step_skipped.items()})
-        for what, why in skipped.items():
-            console.print(f"  skipped {what}: {why}", highlight=False)
-    if report.paper_ratio_passed_at:
-        console.print(
-            f"attention/ΔConv passes the paper's {report.paper_ratio:,}x at "
-            f"{report.paper_ratio_passed_at:,} px square ({report.ratio_at_crossing:,.0f}x there)."
-        )
-    else:
-        console.print(f"attention/ΔConv does not reach the paper's {report.paper_ratio:,}x below 65,536 px.")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib.resources
 import importlib.util
 import itertools
@@ -372,14 +373,16 @@ def distill(
     dataset = open_data(data, config.seed)
     if config.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise DeltaConvError("report_to tensorboard needs the tensorboard package: pip install tensorboard")
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        # The GPU recipes (sd15, sdxl) ask for fp16, which CPUs cannot train in: follow the device.
+        _note("fp16 mixed precision needs a GPU: this CPU run trains in fp32 (bf16 also works on CPUs)")
+        config = dataclasses.replace(config, mixed_precision="no")
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         cpu=not torch.cuda.is_available(),
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=out,
     )
-    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise DeltaConvError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 or no on the CPU")
     if config.batch_size % accelerator.num_processes:
         raise DeltaConvError(
             f"batch size {config.batch_size} does not split over {accelerator.num_processes} processes"
@@ -470,6 +473,11 @@ def distill(
     return DistillResult(out, steps_done, out / "adapter", report)
 
 
+def _note(message: str) -> None:
+    """A line on stderr about a choice the run made for the user."""
+    Console(stderr=True).print(f"note: {message}", highlight=False, soft_wrap=True)
+
+
 def _read_run_config(out: Path) -> dict[str, Any]:
     try:
         saved = json.loads((out / "config.json").read_text())
@@ -491,10 +499,7 @@ def _load_newest_intact(checkpoints: list[Path], adapter: DeltaConvAdapter, opti
             damaged.append(f"{folder.name} ({str(err).strip().splitlines()[0][:120] or type(err).__name__})")
             continue
         if damaged:
-            Console(stderr=True).print(
-                f"note: skipped damaged checkpoint(s) {', '.join(damaged)}; resuming from {folder.name}",
-                highlight=False, soft_wrap=True,
-            )  # fmt: skip
+            _note(f"skipped damaged checkpoint(s) {', '.join(damaged)}; resuming from {folder.name}")
         return folder, step
     raise DeltaConvError(f"no intact checkpoint to resume from: {'; '.join(damaged)}")
 

@@ -21,7 +21,14 @@ from PIL import Image
 from .architectures import denoiser_of
 from .errors import DeltaConvError
 from .imaging import psnr, save_grid, ssim
-from .sampling import SampleSettings, StepCallback, check_batch_size, generate, pipeline_images
+from .sampling import (
+    SampleSettings,
+    StepCallback,
+    check_batch_size,
+    denoising_steps,
+    generate,
+    pipeline_images,
+)
 from .surgery import DeltaConvAdapter
 
 
@@ -120,11 +127,6 @@ def folder_features(folder: Path, feature: str, device: torch.device) -> np.ndar
     from cleanfid.resize import make_resizer
 
     if feature == "inception":
-        if not INCEPTION_FILE.is_file():
-            raise DeltaConvError(
-                f"clean-fid's Inception weights are not on this machine: download {INCEPTION_URL} to "
-                f"{INCEPTION_FILE}, or use --feature domain"
-            )
         model = build_feature_extractor("clean", device, use_dataparallel=False)
         return get_folder_features(
             str(folder), model, num_workers=0, device=device, mode="clean", verbose=False
@@ -134,6 +136,68 @@ def folder_features(folder: Path, feature: str, device: torch.device) -> np.ndar
     resize = make_resizer("PIL", False, "bicubic", (64, 64))
     return get_folder_features(str(folder), _DomainFeatures().to(device), num_workers=0, device=device,
                                mode="clean", custom_fn_resize=resize, verbose=False)  # fmt: skip
+
+
+MIN_FID_IMAGES = 2  # a covariance needs two samples
+FEW_FID_IMAGES = 200  # below this FID is dominated by its bias and noise (clean-fid uses 10k-50k)
+FEATURE_HELP = (
+    "inception (clean-fid's Inception: for real models and photos) or domain (the demo's own extractor: "
+    "for the embedded demo teacher only)"
+)
+
+
+@dataclass(frozen=True)
+class FidPlan:
+    """What FID eval computes, settled before any model is loaded."""
+
+    reference: str | None
+    feature: str
+    skipped: dict[str, str]
+    warnings: tuple[str, ...]
+
+    @property
+    def computed(self) -> bool:
+        return "fid" not in self.skipped
+
+
+def plan_fid(model: str, reference: str | None, feature: str | None, images: int,
+             include_original: bool) -> FidPlan:  # fmt: skip
+    """The FID reference and features for ``model``, or why FID is skipped; a clear error for a
+    reference or features that cannot work, before anything is generated."""
+    from .demo import DEMO
+
+    demo = model == DEMO
+    feature = feature or ("domain" if demo else "inception")
+    if feature not in FEATURES:
+        raise DeltaConvError(f"FID features must be {' or '.join(FEATURES)}, got {feature!r}")
+    reference = reference or (DEMO if demo else None)
+    warnings = []
+    if reference is None:
+        why = "no --reference given (a folder of real images, or 'original')"
+        return FidPlan(None, feature, {"fid": why}, ())
+    if reference == "original" and not include_original:
+        raise DeltaConvError("--reference original needs the original model among the systems")
+    if reference == DEMO and not demo:
+        raise DeltaConvError("--reference demo holds the demo's scenes; it is a reference for the demo only")
+    if reference not in ("original", DEMO) and not Path(reference).is_dir():
+        raise DeltaConvError(f"reference folder {reference} not found")
+    if feature == "inception" and not INCEPTION_FILE.is_file():
+        other = ", or use --feature domain" if demo else ""
+        raise DeltaConvError(
+            f"clean-fid's Inception weights are not on this machine: download {INCEPTION_URL} to "
+            f"{INCEPTION_FILE}{other}, or leave out --reference to skip FID"
+        )
+    if feature == "domain" and not demo:
+        warnings.append("domain features describe the demo's scenes only: FID on them says little here")
+    if images < MIN_FID_IMAGES:
+        why = f"{images} image per system; FID needs at least {MIN_FID_IMAGES}"
+        return FidPlan(reference, feature, {"fid": why}, tuple(warnings))
+    if images < FEW_FID_IMAGES:
+        warnings.append(
+            f"FID from {images} images per system is dominated by bias and noise; compare systems only "
+            f"on the same prompts, and use {FEW_FID_IMAGES}+ images for a usable value"
+        )
+    return FidPlan(reference, feature, {}, tuple(warnings))
 
 
 def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
@@ -160,10 +224,12 @@ class EvalSettings:
         """A clear error for settings no model can use (checked before any model is loaded)."""
         SampleSettings(self.steps, self.guidance, self.height, self.width, self.scheduler).check()
         check_batch_size(self.batch_size)
+        if self.clip_model is not None and not Path(self.clip_model).is_dir():
+            raise DeltaConvError(
+                f"CLIP model folder {self.clip_model} not found (--clip takes a local folder)"
+            )
         if self.trajectory_prompts < 0:
             raise DeltaConvError(f"trajectory prompts must be >= 0, got {self.trajectory_prompts}")
-        if self.feature not in (None, *FEATURES):
-            raise DeltaConvError(f"FID features must be {' or '.join(FEATURES)}, got {self.feature!r}")
 
 
 @dataclass
@@ -197,6 +263,8 @@ class EvalReport:
     systems: list[SystemResult] = field(default_factory=list)
     grid: str | None = None
     reference_fid_floor: float | None = None  # FID of reference vs itself split in halves
+    skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it was not computed
+    warnings: list[str] = field(default_factory=list)
 
 
 def read_prompts(spec: str) -> tuple[list[str], str | None]:
@@ -266,7 +334,6 @@ def evaluate(
     on_progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Generate the prompts with each system (reusing images whose settings match) and compare them."""
-    from .demo import DEMO
     from .loading import load_adapter
     from .sampling import load_for_sampling, resolve_size, save_png, set_scheduler
 
@@ -274,6 +341,7 @@ def evaluate(
     if not prompts:
         raise DeltaConvError("no prompts given")
     settings.check()
+    fid_plan = plan_fid(str(model), reference, settings.feature, len(prompts), include_original)
     out = Path(out)
     loaded = load_for_sampling(model, None, device, dtype)
     if loaded.adapter is not None and adapter is None:
@@ -306,9 +374,13 @@ def evaluate(
         "device": str(dev),
         "dtype": str(denoiser_of(pipe).dtype),
     }
-    feature = settings.feature or ("domain" if str(model) == DEMO else "inception")
-    report = EvalReport(str(model), str(out), len(prompts), reference, feature, *size, str(dev),
-                        generation["dtype"], {**asdict(settings), "scheduler": scheduler})  # fmt: skip
+    report = EvalReport(str(model), str(out), len(prompts), fid_plan.reference, fid_plan.feature, *size,
+                        str(dev), generation["dtype"], {**asdict(settings), "scheduler": scheduler},
+                        skipped=dict(fid_plan.skipped), warnings=list(fid_plan.warnings))  # fmt: skip
+    if not settings.clip_model:
+        report.skipped["clip_score"] = "no --clip folder given (a local CLIP model)"
+    if not include_original:
+        report.skipped["psnr_ssim"] = "the original is not among the systems"
     images: dict[str, list[np.ndarray]] = {}
     for name in systems:
         path = students.get(name)
@@ -322,9 +394,12 @@ def evaluate(
             note(f"reusing {len(prompts)} images of {name} (same settings)")
             images[name] = _load_images(folder, len(prompts))
         else:
-            note(f"generating {len(prompts)} images with {name}")
             shutil.rmtree(folder, ignore_errors=True)
-            images[name] = generate(pipe, prompts, seeds, size, sample_settings, settings.batch_size)
+            total = denoising_steps(len(prompts), sample_settings, settings.batch_size)
+            counter = _step_counter(note, f"generating {len(prompts)} images with {name}", total)
+            images[name] = generate(
+                pipe, prompts, seeds, size, sample_settings, settings.batch_size, on_step=counter
+            )
             for i, image in enumerate(images[name]):
                 save_png(
                     image,
@@ -337,13 +412,15 @@ def evaluate(
         result.seconds_per_image, result.peak_memory_bytes = _timing(pipe, prompts[0], size, sample_settings,
                                                                      settings.timing_images, dev)  # fmt: skip
         if blocks is not None and settings.trajectory_prompts > 0:
-            note(f"comparing {name} with the original along the trajectory")
             subset = prompts[: settings.trajectory_prompts]
+            total = denoising_steps(len(subset), sample_settings, settings.batch_size)
+            counter = _step_counter(note, f"comparing {name} with the original along the trajectory", total)
             comparison = TrajectoryComparison(blocks)
             handle = denoiser_of(pipe).register_forward_hook(comparison, with_kwargs=True)
             try:
                 with blocks.bypassed():
-                    generate(pipe, subset, seeds[: len(subset)], size, sample_settings, settings.batch_size)
+                    generate(pipe, subset, seeds[: len(subset)], size, sample_settings, settings.batch_size,
+                             on_step=counter)  # fmt: skip
             finally:
                 handle.remove()
             result.denoiser_relative_error = float(np.mean(comparison.errors))
@@ -351,35 +428,46 @@ def evaluate(
             blocks.unmount()
         report.systems.append(result)
 
-    _compare(report, images, prompts, out, reference, feature, dev, settings, note)
+    _compare(report, images, prompts, out, fid_plan, dev, settings, note)
     return report
 
 
-def _compare(report: EvalReport, images: dict[str, list[np.ndarray]], prompts: list[str], out: Path,
-             reference: str | None, feature: str, device: torch.device, settings: EvalSettings,
-             note: Callable[[str], None]) -> None:  # fmt: skip
-    """Fill in FID, CLIP score, agreement with the original and demo adherence; write the grid."""
+def _reference_folder(reference: str, out: Path, count: int) -> Path:
+    """The folder of reference images: the original's images, the demo's real renders of the held-out
+    scenes (written now), or the user's folder."""
     from .demo import DEMO
     from .demo.quality import HELD_OUT_SEED, real_images
 
-    reference_folder = None
-    if reference is None and report.model == DEMO:
-        reference = "demo"
     if reference == "original":
-        if "original" not in images:
-            raise DeltaConvError("--reference original needs the original model among the systems")
-        reference_folder = out / "images" / "original"
-    elif reference == DEMO:  # real renders of the very scenes the held-out captions describe
-        reference_folder = out / "images" / "real"
-        reals = real_images(HELD_OUT_SEED, len(prompts))
-        reference_folder.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(reals):
-            Image.fromarray(image).save(reference_folder / f"{i:05d}.png")
-    elif reference is not None:
-        reference_folder = Path(reference)
-        if not reference_folder.is_dir():
-            raise DeltaConvError(f"reference folder {reference} not found")
-    report.reference = reference
+        return out / "images" / "original"
+    if reference != DEMO:
+        return Path(reference)
+    folder = out / "images" / "real"  # real renders of the very scenes the held-out captions describe
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(real_images(HELD_OUT_SEED, count)):
+        Image.fromarray(image).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def _step_counter(note: Callable[[str], None], what: str, total: int) -> Callable[[], None]:
+    """A per-denoising-step callback that reports ``what: step i/total``."""
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        note(f"{what}: step {done}/{total}")
+
+    note(f"{what}: step 0/{total}")
+    return step
+
+
+def _compare(report: EvalReport, images: dict[str, list[np.ndarray]], prompts: list[str], out: Path,
+             fid_plan: FidPlan, device: torch.device, settings: EvalSettings,
+             note: Callable[[str], None]) -> None:  # fmt: skip
+    """Fill in FID, CLIP score, agreement with the original and demo adherence; write the grid."""
+    reference_folder = _reference_folder(fid_plan.reference, out, len(prompts)) if fid_plan.computed else None
+    feature = fid_plan.feature
     if reference_folder is not None:
         note(f"computing {feature} features")
         reference_features = folder_features(reference_folder, feature, device)

@@ -143,3 +143,35 @@ def test_real_attention_cli(saved_pipelines, tmp_path):
         app, ["analyze", str(saved_pipelines["sd1"]), "-p", "x", "--layers", "nope", "--out", str(tmp_path)]
     )
     assert bad.exit_code == 1 and "unknown layer or stage 'nope'" in bad.stderr
+
+
+def exact_kernel(scores, grid, share):
+    """The smallest kernel choice whose ΔConv receptive field holds ``share`` of the map's mass."""
+    from deltaconv_cli.analyze import KERNEL_CHOICES, delta_conv_reach
+
+    h, w = grid
+    query_index = torch.arange(h * w)
+    ys, xs = query_index // w, query_index % w
+    cheb = torch.maximum((ys[None] - ys[:, None]).abs(), (xs[None] - xs[:, None]).abs())
+    p = scores(grid, query_index)
+    held = [float(p[cheb <= delta_conv_reach(k)].sum() / p.sum()) for k in KERNEL_CHOICES]
+    return next(k for k, mass in zip(KERNEL_CHOICES, held, strict=True) if mass >= share)
+
+
+def test_uniform_attention_gets_the_smallest_kernel():
+    report = summarize(stats_of(uniform), "x.attn1", "x", "all", 7)
+    assert report.global_share == pytest.approx(1.0)
+    assert report.recommended_kernel_size == 3
+
+
+@pytest.mark.parametrize(("sigma", "share"), [(1.0, 0.9), (2.5, 0.9), (2.5, 0.99)])
+@pytest.mark.parametrize("global_part", [0.0, 0.6, 0.95])
+def test_kernel_holds_the_asked_share_of_the_local_mass(sigma, share, global_part):
+    local = gaussian(sigma)
+
+    def mixed(grid, query_index):
+        return (1 - global_part) * local(grid, query_index) + global_part * uniform(grid, query_index)
+
+    report = summarize(stats_of(mixed), "x.attn1", "x", "all", 7, local_share=share)
+    assert report.global_share == pytest.approx(global_part, abs=0.02)
+    assert report.recommended_kernel_size == exact_kernel(local, (32, 32), share)

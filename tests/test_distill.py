@@ -372,3 +372,21 @@ def test_losses_go_to_tensorboard_when_asked(saved_pipelines, image_folder, tmp_
 def test_loss_plot_trend_is_a_trailing_mean():
     np.testing.assert_allclose(distillation.smoothed([1, 2, 3, 4, 5, 6], 3), [1, 1.5, 2, 3, 4, 5])
     np.testing.assert_allclose(distillation.smoothed([2.0, 4.0], 1), [2.0, 4.0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device trains fp16 as asked")
+def test_fp16_recipes_train_in_fp32_on_the_cpu_and_say_so(saved_pipelines, image_folder, tmp_path):
+    args = ["distill", str(saved_pipelines["sd1"]), "--data", str(image_folder), "--recipe", "demo"]
+    args += sum((["--set", f"{k}={v}"] for k, v in {**TINY, "steps": 1}.items()), [])
+    result = runner.invoke(app, [*args, "--mixed-precision", "fp16", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "note: fp16 mixed precision needs a GPU: this CPU run trains in fp32" in result.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["mixed_precision"] == "no"
+    # One step of a 1-step warm-up (TINY) is done; with more warm-up steps the report says so.
+    assert "note" not in json.loads((tmp_path / "run" / "report.json").read_text())
+
+
+def test_report_says_when_warm_up_has_not_finished(saved_pipelines, image_folder, tmp_path):
+    run(saved_pipelines["sd1"], image_folder, tmp_path / "run", steps=2, warmup_steps=10)
+    note = json.loads((tmp_path / "run" / "report.json").read_text())["note"]
+    assert note.startswith("the learning rate was still warming up (2 of 10 warm-up steps, now 0.0002)")

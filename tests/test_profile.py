@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from deltaconv_cli.block import DeltaConvBlock
 from deltaconv_cli.cli import app
 from deltaconv_cli.linfusion import LinFusionAttention
-from deltaconv_cli.profile import Timer, count, profile
+from deltaconv_cli.profile import Timer, count, human_count, profile
 
 runner = CliRunner()
 
@@ -178,3 +178,25 @@ def test_steps_are_timed_in_turns_each_under_its_own_setup():
     assert set(result) == {"a", "b"} and all(ms >= 0 for ms in result.values())
     one_round = ["enter a", "run", "exit a", "enter b", "run", "exit b"]
     assert events == one_round * 3  # warm-up round, then 2 timed rounds
+
+
+@pytest.mark.parametrize("measured", [False, True])
+def test_profile_table_headings_match_their_cells(measured, tmp_path):
+    from deltaconv_cli.profile import profile
+    from deltaconv_cli.reports import profile_tables
+
+    tiny_denoiser("sd1").save_pretrained(tmp_path / "unet")
+    report = profile(str(tmp_path / "unet"), [(64, 64)], measure=measured, repeats=1, time_budget_s=0)
+    summary, per_layer = profile_tables(report, measured)
+    mixers = ["ΔConv", "LinFusion"]
+    ratios = ["attn/ΔConv", "LinFusion/ΔConv", "attn share of denoiser"]
+    expected_summary = ["resolution", "top grid", "MACs attn", *mixers, *ratios]
+    expected_summary += ["step ms attn", *mixers] if measured else []
+    expected_layer = ["stage", "grid", "C", "k", "n", "MACs attn", *mixers, "params attn", *mixers,
+                      "act. attn", *mixers] + (["ms attn", *mixers] if measured else [])  # fmt: skip
+    for table, headings in ((summary, expected_summary), (per_layer, expected_layer)):
+        assert [str(column.header) for column in table.columns] == headings
+        assert {len(column._cells) for column in table.columns} == {table.row_count}
+    layer = report.resolutions[0].layers[0]
+    params = [column._cells[0] for column in per_layer.columns if "params" in str(column.header)]
+    assert params == [human_count(layer.attention.params)]

@@ -189,6 +189,10 @@ def test_eval_end_to_end_and_reuse(converted, tmp_path):
     assert systems["deltaconv"]["psnr_db"] < 100 and 0 < systems["deltaconv"]["denoiser_relative_error"]
     assert systems["deltaconv"]["seconds_per_image"] > 0 and systems["deltaconv"]["peak_memory_bytes"] > 0
     assert not any(s["reused"] for s in report["systems"])
+    assert report["skipped"] == {"clip_score": "no --clip folder given (a local CLIP model)"}
+    assert report["warnings"][0].startswith("domain features describe the demo's scenes only")
+    assert report["warnings"][1].startswith("FID from 4 images per system is dominated by bias and noise")
+    assert "warning: FID from 4 images per system" in first.stderr
     second = runner.invoke(app, args[:-2])
     assert second.exit_code == 0, second.output
     assert (
@@ -260,3 +264,33 @@ def test_grid_gives_the_images_the_whole_width(tmp_path):
     assert grid.width == 3 * (64 * 2 + 2)
     first = np.asarray(grid.convert("RGB"))[grid.height - 2 - 128 : grid.height - 2, :128]
     np.testing.assert_array_equal(first[::2, ::2], images[0])
+
+
+@pytest.mark.skipif(INCEPTION_FILE.exists(), reason="Inception weights are present on this machine")
+def test_missing_inception_weights_fail_before_any_model_is_loaded(converted, tmp_path, monkeypatch):
+    import deltaconv_cli.sampling
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the FID inputs were checked")
+
+    monkeypatch.setattr(deltaconv_cli.sampling, "load_model", no_loading)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    result = runner.invoke(app, ["eval", str(converted), "--prompts", str(prompts), "--reference", "original",
+                                 "--out", str(tmp_path / "e")])  # fmt: skip
+    assert result.exit_code == 1
+    assert "Inception weights are not on this machine" in result.stderr
+    assert "--feature domain" not in result.stderr  # the demo's extractor means nothing for this model
+    assert not (tmp_path / "e").exists()
+
+
+def test_fid_without_reference_is_skipped_with_the_reason(converted, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    args = ["eval", str(converted), "--prompts", str(prompts), "--steps", "1", "--trajectory-prompts", "0"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "e"), "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    assert "skipped fid: no --reference given" in result.stdout
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["skipped"]["fid"].startswith("no --reference given")
+    assert all(system["fid"] is None for system in report["systems"])
