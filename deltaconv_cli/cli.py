@@ -397,7 +397,7 @@ def eval_command(
     if quiet:
         return
     size = f"{report.height}x{report.width}"
-    title = f"{report.model}: {report.prompts} prompts, {size}, {report.device} {report.dtype}"
+    title = f"{report.model}: {plural(report.prompts, 'prompt')}, {size}, {report.device} {report.dtype}"
     table = Table(title=title)
     columns = ["system", f"FID ({report.feature})", "CLIP", "PSNR vs orig.", "SSIM", "traj. rel. err."]
     columns += ["adherence", "s / image", "peak memory"]
@@ -416,7 +416,7 @@ def eval_command(
     console.print(table)
     for r in report.systems:
         if r.reused:
-            console.print(f"reused the {r.images} images of {r.name} (same settings)")
+            console.print(f"reused the {plural(r.images, 'image')} of {r.name} (same settings)")
     console.print(
         f"FID reference: {report.reference or 'none given'}; grid: {report.grid}; JSON: {out / 'eval.json'}"
     )
@@ -478,7 +478,8 @@ def analyze(
     write_json(json_out, asdict(report))
     if str(json_out) == "-":
         return
-    title = f"{report.model}: self-attention locality ({len(report.prompts)} prompts, {report.steps} steps)"
+    counts = f"{plural(len(report.prompts), 'prompt')}, {report.steps} steps"
+    title = f"{report.model}: self-attention locality ({counts})"
     table = Table(title=title)
     columns = ["layer", "band", "grid", "queries", "r50", "r90", "r90 uniform", "alpha (R²)", "global"]
     for column in [*columns, "ΔConv k", "coverage", "rec. k", "local"]:
