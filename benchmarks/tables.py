@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from deltaconv_cli.profile import human_bytes, human_count
+from deltaconv_cli.runtime import human_bytes, human_count
 
 MIXERS = ("attention", "deltaconv", "linfusion")
 

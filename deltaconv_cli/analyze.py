@@ -320,14 +320,23 @@ def attach_recorder(
     return detach
 
 
+def default_prompts(model: str) -> list[str]:
+    """Prompts for an analysis nobody gave prompts to: on the demo, a layout and a count caption."""
+    from .demo import DEMO
+
+    if str(model) != DEMO:
+        raise DeltaConvError("no prompts given: analyze needs prompts for this model")
+    return ["a red circle at the top left and a blue square at the bottom right", "three green triangles"]
+
+
 def analyze(
     model: str,
-    prompts: list[str],
+    prompts: Sequence[str] = (),
     *,
     height: int | None = None,
     width: int | None = None,
     steps: int = 20,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     band_edges: Sequence[int] = (333, 666),
     layers: Sequence[str] | None = None,
     queries: int = 256,
@@ -337,11 +346,12 @@ def analyze(
     dtype: str | None = None,
     score_override: ScoreFunction | None = None,
 ) -> AnalysisReport:
-    """Sample ``prompts`` with the original model while recording its self-attention locality."""
-    from .sampling import SampleSettings, generate, load_for_sampling, resolve_size
+    """Sample ``prompts`` (on the demo, by default two captions with placed objects) with the original
+    model while recording its self-attention locality; ``guidance`` defaults to the model's own."""
+    from .sampling import SampleSettings, default_guidance, generate, load_for_sampling, resolve_size
 
-    if not prompts:
-        raise DeltaConvError("no prompts given")
+    prompts = list(prompts) or default_prompts(model)
+    guidance = default_guidance(model) if guidance is None else guidance
     loaded = load_for_sampling(model, None, device, dtype)
     if loaded.adapter is not None:
         loaded.adapter.unmount()  # analyse the original attention

@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,7 +14,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from .errors import DeltaConvError
 
@@ -68,8 +68,10 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+def show(rendered: list[Any]) -> None:
+    """Print a report's tables and lines (see :mod:`deltaconv_cli.reports`)."""
+    for item in rendered:
+        console.print(item, highlight=False)
 
 
 def write_json(target: Path | None, data: dict[str, Any]) -> None:
@@ -126,28 +128,10 @@ def convert(
     sizes = _parse_kernel_sizes(kernel_size, kernel_sizes)
     report = run_convert(model, out, kernel_sizes=sizes, gate=gate.value, seed=seed, overwrite=overwrite)
     write_json(json_out, report.to_dict())
-    if str(json_out) == "-":
-        return
-    table = Table(
-        title=f"{report.denoiser_class} ({report.family}): {len(report.layers)} self-attention layers"
-    )
-    for column in ("layer", "stride", "channels", "kernel", "attention params", "block params"):
-        table.add_column(column, justify="left" if column == "layer" else "right")
-    for layer in report.layers:
-        table.add_row(
-            layer.name,
-            str(layer.grid_stride),
-            str(layer.channels),
-            str(layer.kernel_size),
-            f"{layer.attention_params:,}",
-            f"{layer.block_params:,}",
-        )
-    console.print(table)
-    console.print(
-        f"parameters: {report.params_before:,} before, {report.params_after:,} after "
-        f"(attention {report.params_removed:,} removed, ΔConv blocks {report.params_added:,} added)\n"
-        f"stride: latent pixels per token. Wrote {out} (adapter in {out / 'deltaconv'})."
-    )
+    if str(json_out) != "-":
+        from . import reports  # imports torch: only once a command runs
+
+        show(reports.convert_report(report))
 
 
 def _parse_settings(values: list[str]) -> dict[str, Any]:
@@ -212,10 +196,7 @@ def distill(
 ) -> None:
     """Distil new blocks from the frozen teacher (docs/method.md §1.3); runs under `accelerate launch` too."""
     from . import distill as distillation
-    from .architectures import family_of
-    from .loading import locate_model
 
-    family = family_of(locate_model(model, config_only=True).meta_denoiser())
     overrides = {
         "steps": steps, "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
         "learning_rate": learning_rate, "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm,
@@ -224,34 +205,16 @@ def distill(
         "kernel_sizes": _parse_kernel_sizes(kernel_size, None),
     }  # fmt: skip
     overrides.update(_parse_settings(set_))
-    config = distillation.make_config(
-        recipe or distillation.default_recipe(model, family), mixer, **overrides
-    )
+    config = distillation.config_for(model, recipe, mixer, **overrides)
     result = distillation.distill(model, data, out, config, resume=resume, adapter=adapter)
     if result.report is None:  # not the main process of a multi-process run
         return
-    summary = {
-        "out": str(result.out),
-        "steps": result.steps_done,
-        "adapter": str(result.adapter_path),
-        **result.report,
-    }
-    write_json(json_out, summary)
-    if str(json_out) == "-":
-        return
-    table = Table(title=f"teacher agreement on {len(result.report['prompts'])} fixed prompts and seeds")
-    for column in ("student", "PSNR dB", "SSIM", "denoiser rel. error", "adherence"):
-        table.add_column(column, justify="right")
-    for name in ("converted", "distilled"):
-        row = result.report[name]
-        adherence = row.get("student_adherence")
-        table.add_row(
-            name, f"{row['psnr_db']:.2f}", f"{row['ssim']:.3f}", f"{row['denoiser_relative_error']:.3f}",
-            "-" if adherence is None else f"{adherence:.3f} (teacher {row['teacher_adherence']:.3f})",
-        )  # fmt: skip
-    console.print(table)
-    console.print(f"adapter: {result.adapter_path}  losses: {result.out / 'loss.png'}")
-    console.print(f"teacher / converted / distilled grid: {result.out / 'report.png'}")
+    summary = {"out": str(result.out), "steps": result.steps_done, "adapter": str(result.adapter_path)}
+    write_json(json_out, {**summary, **result.report})
+    if str(json_out) != "-":
+        from . import reports  # imports torch: only once a command runs
+
+        show(reports.distill_report(result))
 
 
 ModelArgument = Annotated[
@@ -266,12 +229,12 @@ DtypeOption = Annotated[
 ]
 
 
-def _prompt_list(prompt: list[str], prompts_file: str | None) -> list[str]:
+def _prompt_list(prompt: list[str], prompts_file: str | None, required: bool = True) -> list[str]:
     from .evaluation import read_prompts
 
     if prompts_file is not None:
         prompt = [*prompt, *read_prompts(prompts_file)[0]]
-    if not prompt:
+    if not prompt and required:
         raise DeltaConvError("give --prompt TEXT (repeatable) or --prompts FILE (or demo:N)")
     return prompt
 
@@ -311,13 +274,11 @@ def sample(
     json_out: JsonOption = None,
 ) -> None:
     """Generate images (one PNG per prompt and seed, settings in its metadata, and a grid)."""
-    from .demo.teacher import RECOMMENDED_GUIDANCE
     from .sampling import SampleSettings
     from .sampling import sample as run_sample
 
     if num_images < 1:
         raise DeltaConvError(f"--num-images must be at least 1, got {num_images}")
-    guidance = guidance if guidance is not None else RECOMMENDED_GUIDANCE if model == "demo" else 7.5
     settings = SampleSettings(steps, guidance, height, width, scheduler, negative_prompt)
     seeds = list(range(seed, seed + num_images))
     report = run_sample(
@@ -326,16 +287,11 @@ def sample(
     )  # fmt: skip
     if report is None:  # not the main process of a multi-process run
         return
-    from dataclasses import asdict
-
     write_json(json_out, asdict(report))
     if str(json_out) != "-":
-        written = len(report.images) * (2 if compare else 1)
-        systems = f"{report.system} and original" if compare else report.system
-        console.print(
-            f"{plural(written, 'image')} ({systems}, {report.scheduler}, "
-            f"{report.height}x{report.width}) in {report.out}; grid: {report.grid}"
-        )
+        from . import reports  # imports torch: only once a command runs
+
+        show(reports.sample_report(report, compare))
 
 
 @app.command("eval")
@@ -374,14 +330,9 @@ def eval_command(
     json_out: JsonOption = None,
 ) -> None:
     """Compare the original model, the ΔConv and the LinFusion student on the same prompts and seeds."""
-    from dataclasses import asdict
-
-    from .demo.teacher import RECOMMENDED_GUIDANCE
     from .evaluation import EvalSettings, evaluate, read_prompts
-    from .profile import human_bytes
 
     prompt_list, source = read_prompts(prompts)
-    guidance = guidance if guidance is not None else RECOMMENDED_GUIDANCE if model == "demo" else 7.5
     settings = EvalSettings(steps, guidance, height, width, scheduler, seed, batch_size, feature, clip,
                             trajectory_prompts)  # fmt: skip
     quiet = str(json_out) == "-"
@@ -396,32 +347,9 @@ def eval_command(
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if quiet:
         return
-    size = f"{report.height}x{report.width}"
-    title = f"{report.model}: {plural(report.prompts, 'prompt')}, {size}, {report.device} {report.dtype}"
-    table = Table(title=title)
-    columns = ["system", f"FID ({report.feature})", "CLIP", "PSNR vs orig.", "SSIM", "traj. rel. err."]
-    columns += ["adherence", "s / image", "peak memory"]
-    for column in columns:
-        table.add_column(column, justify="right")
+    from . import reports  # imports torch: only once a command runs
 
-    def cell(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    for r in report.systems:
-        table.add_row(
-            r.name, cell(r.fid, ".2f"), cell(r.clip_score, ".2f"), cell(r.psnr_db, ".2f"),
-            cell(r.ssim, ".3f"), cell(r.denoiser_relative_error, ".3f"), cell(r.adherence, ".3f"),
-            cell(r.seconds_per_image, ".3f"), human_bytes(r.peak_memory_bytes),
-        )  # fmt: skip
-    console.print(table)
-    for r in report.systems:
-        if r.reused:
-            console.print(f"reused the {plural(r.images, 'image')} of {r.name} (same settings)")
-    console.print(
-        f"FID reference: {report.reference or 'none given'}; grid: {report.grid}; JSON: {out / 'eval.json'}"
-    )
-    for metric, why in report.skipped.items():
-        console.print(f"skipped {metric}: {why}", highlight=False)
+    show(reports.eval_report(report))
 
 
 @app.command()
@@ -452,58 +380,27 @@ def analyze(
 ) -> None:
     """Measure how local each self-attention layer is during real sampling; recommend kernel sizes."""
     from .analyze import analyze as run_analysis
-    from .analyze import short_name, write_outputs
-    from .demo.teacher import RECOMMENDED_GUIDANCE
+    from .analyze import write_outputs
 
     try:
         edges = [int(edge) for text in timesteps for edge in text.split(",") if edge.strip()]
     except ValueError:
         raise DeltaConvError(f"--timesteps takes integers, got {timesteps}") from None
-    if not prompt and prompts_file is None and model == "demo":
-        prompt = [
-            "a red circle at the top left and a blue square at the bottom right",
-            "three green triangles",
-        ]
-    guidance = guidance if guidance is not None else RECOMMENDED_GUIDANCE if model == "demo" else 7.5
     height, width = res if res is not None else (None, None)
+    prompts = _prompt_list(prompt, prompts_file, required=False)  # none: the library's defaults
     with err_console.status("sampling and recording attention", spinner="dots"):
         report = run_analysis(
-            model, _prompt_list(prompt, prompts_file), height=height, width=width, steps=steps,
+            model, prompts, height=height, width=width, steps=steps,
             guidance=guidance, band_edges=edges, layers=layers or None, queries=queries, seed=seed,
             device=device, dtype=dtype,
         )  # fmt: skip
     paths = write_outputs(report, out)
-    from dataclasses import asdict
-
     write_json(json_out, asdict(report))
     if str(json_out) == "-":
         return
-    counts = f"{plural(len(report.prompts), 'prompt')}, {report.steps} steps"
-    title = f"{report.model}: self-attention locality ({counts})"
-    table = Table(title=title)
-    columns = ["layer", "band", "grid", "queries", "r50", "r90", "r90 uniform", "alpha (R²)", "global"]
-    for column in [*columns, "ΔConv k", "coverage", "rec. k", "local"]:
-        table.add_column(column, justify="left" if column == "layer" else "right")
-    for layer in report.layers:
-        alpha, r2 = layer.power_law_exponent, layer.power_law_r2
-        radii, uniform = layer.radii, layer.uniform_radii
-        table.add_row(
-            short_name(layer.name), layer.band, f"{layer.grid[0]}x{layer.grid[1]}", str(layer.queries),
-            f"{radii['r50']:.1f}", f"{radii['r90']:.1f}", f"{uniform['r90']:.1f}",
-            "-" if alpha is None else f"{alpha:.2f} ({r2:.2f})", f"{layer.global_share:.1%}",
-            str(layer.kernel_size), f"{layer.delta_conv_coverage:.1%}", str(layer.recommended_kernel_size),
-            "yes" if layer.local else "no",
-        )  # fmt: skip
-    console.print(table)
-    current = report.current_kernel_sizes
-    advice = ", ".join(
-        f"{stage} {k} (now {current[stage]})" for stage, k in report.recommended_kernel_sizes.items()
-    )
-    console.print(f"recommended kernel sizes: {advice}")
-    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    console.print(
-        f"use them with: deltaconv convert {report.model} -o OUT --kernel-sizes {paths['kernel_sizes.json']}"
-    )
+    from . import reports  # imports torch: only once a command runs
+
+    show(reports.analyze_report(report, paths))
 
 
 def _looks_like_resolution(text: str) -> bool:
@@ -562,12 +459,9 @@ def profile(
         profiling.plot(report, plot_out)
     if quiet:
         return
-    from .reports import profile_notes, profile_tables
+    from . import reports  # imports torch: only once a command runs
 
-    for table in profile_tables(report, measure):
-        console.print(table)
-    for note in profile_notes(report):
-        console.print(note, highlight=False)
+    show(reports.profile_report(report, measure))
     if plot_out is not None:
         console.print(f"plot: {plot_out}")
 

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from .errors import DeltaConvError
 from .loading import ADAPTER_DIR, PICKLE_SUFFIXES, locate_model
+from .runtime import numel
 from .surgery import DeltaConvAdapter, find_self_attention_sites, trace_token_grids
 
 
@@ -59,10 +60,6 @@ class ConversionReport:
             params_removed=self.params_removed, params_added=self.params_added, params_after=self.params_after
         )
         return data
-
-
-def _numel(module: Any) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -120,7 +117,7 @@ def convert(
     latent = latent if isinstance(latent, int) else latent[0]
     grids = trace_token_grids(denoiser, latent, latent)
     report = ConversionReport(str(source), str(out), folder.denoiser_class, adapter.config.family)
-    report.params_before = _numel(denoiser)
+    report.params_before = numel(denoiser)
     for site, block in zip(sites, adapter.blocks, strict=True):
         report.layers.append(
             ReplacedLayer(
@@ -129,8 +126,8 @@ def convert(
                 grid_stride=latent // grids[site.name][0],
                 channels=site.channels,
                 kernel_size=block.kernel_size,
-                attention_params=_numel(denoiser.get_submodule(site.name)),
-                block_params=_numel(block),
+                attention_params=numel(denoiser.get_submodule(site.name)),
+                block_params=numel(block),
             )
         )
 

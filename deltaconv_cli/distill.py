@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import importlib.resources
 import importlib.util
 import itertools
@@ -32,7 +31,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,14 +46,15 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .architectures import denoiser_of
+from .architectures import denoiser_of, family_for
 from .block import GATES
 from .conditioning import encode_prompts, predict
 from .data import DEMO, batch_indices, image_tensor, open_data
 from .errors import DeltaConvError
 from .loading import load_adapter, load_model, locate_model
+from .mixers import MIXERS
 from .progress import advance, progress_bar
-from .surgery import MIXERS, DeltaConvAdapter, ReplacedSelfAttention
+from .surgery import DeltaConvAdapter, ReplacedSelfAttention
 
 RECIPES_DIR = Path(str(importlib.resources.files("deltaconv_cli.recipes")))
 FEATURES = ("residual", "attention_output")  # ΔConvFusion's feature target, LinFusion's
@@ -193,15 +193,29 @@ def make_config(recipe: str | Path, mixer: str = "deltaconv", **overrides: Any) 
     """A recipe's settings with ``overrides`` (None means: keep the recipe's value) on top."""
     settings = load_recipe(recipe, mixer)
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    config = DistillConfig(**settings)
+    config = _settings(**settings)
     config.check()
     return config
 
 
-def default_recipe(model: str, family: str) -> str:
-    if model == DEMO:
-        return "demo"
-    return {"sd": "sd15", "sdxl": "sdxl", "pixart": "pixart-sigma"}[family]
+def config_for(model: str, recipe: str | Path | None = None, mixer: str = "deltaconv",
+               **overrides: Any) -> DistillConfig:  # fmt: skip
+    """The settings of a run on ``model``: ``recipe`` (default: the model family's, ``demo`` for the
+    embedded teacher) with ``overrides`` on top; checked before any model is loaded."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _settings(mixer=mixer, **given).check()  # bad options fail before even the model's config is read
+    if recipe is None and model == DEMO:
+        recipe = "demo"
+    elif recipe is None:
+        recipe = family_for(locate_model(model, config_only=True).meta_denoiser()).default_recipe
+    return make_config(recipe, mixer, **given)
+
+
+def _settings(**settings: Any) -> DistillConfig:
+    unknown = sorted(set(settings) - {f.name for f in fields(DistillConfig)})
+    if unknown:
+        raise DeltaConvError(f"unknown distill settings: {', '.join(unknown)}")
+    return DistillConfig(**settings)
 
 
 # ----------------------------------------------------------------------------------------------- objective
@@ -211,15 +225,6 @@ def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
     """The generator of every random draw of sample ``index`` at micro-step ``step``."""
     state = np.random.SeedSequence([seed, step, index]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
-
-
-def _residual_tap(block: nn.Module) -> nn.Module:
-    """The sub-module of a BasicTransformerBlock whose first input is the residual stream right after
-    the self-attention sub-block (PixArt's ada_norm_single feeds it to attn2 without a norm)."""
-    single = block.norm_type == "ada_norm_single"
-    if block.attn2 is not None:
-        return block.attn2 if single else block.norm2
-    return block.norm2 if single else block.norm3
 
 
 class DistillationObjective(nn.Module):
@@ -234,6 +239,7 @@ class DistillationObjective(nn.Module):
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self._features: list[torch.Tensor] = []
         self._hooks = []
+        family = family_for(self.denoiser)
         for module in self.denoiser.modules():
             if not isinstance(module, ReplacedSelfAttention):
                 continue
@@ -241,7 +247,7 @@ class DistillationObjective(nn.Module):
                 self._hooks.append(module.register_forward_hook(lambda m, a, out: self._features.append(out)))
             else:
                 block = self.denoiser.get_submodule(module.site_name.rsplit(".", 1)[0])
-                tap = _residual_tap(block)
+                tap = family.residual_tap(block)
                 self._hooks.append(
                     tap.register_forward_pre_hook(lambda m, args: self._features.append(args[0]))
                 )
@@ -376,7 +382,7 @@ def distill(
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         # The GPU recipes (sd15, sdxl) ask for fp16, which CPUs cannot train in: follow the device.
         _note("fp16 mixed precision needs a GPU: this CPU run trains in fp32 (bf16 also works on CPUs)")
-        config = dataclasses.replace(config, mixed_precision="no")
+        config = replace(config, mixed_precision="no")
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         cpu=not torch.cuda.is_available(),

@@ -8,7 +8,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from .sampling import (
     SampleSettings,
     StepCallback,
     check_batch_size,
+    default_guidance,
     denoising_steps,
     generate,
     pipeline_images,
@@ -46,7 +47,7 @@ class TrajectoryComparison:
             return
         self._inside = True
         try:
-            with self.adapter.bypassed(False):
+            with self.adapter.enabled():
                 student = module(*args, **kwargs)
         finally:
             self._inside = False
@@ -209,7 +210,7 @@ def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
 @dataclass
 class EvalSettings:
     steps: int = 20
-    guidance: float = 7.5
+    guidance: float | None = None  # default: the model's recommended guidance
     height: int | None = None
     width: int | None = None
     scheduler: str | None = None
@@ -312,7 +313,7 @@ def _load_images(folder: Path, count: int) -> list[np.ndarray]:
 def _timing(pipe: Any, prompt: str, size: tuple[int, int], settings: SampleSettings, count: int,
             device: torch.device) -> tuple[float, int]:  # fmt: skip
     """Median wall-clock seconds per image (after one warm-up) and peak memory of one image."""
-    from .profile import Timer
+    from .runtime import Timer
 
     timer = Timer(device, torch.float32, max(count, 1), budget_s=float("inf"))
     run = partial(pipeline_images, pipe, [prompt], [0], size, settings)
@@ -341,6 +342,8 @@ def evaluate(
     if not prompts:
         raise DeltaConvError("no prompts given")
     settings.check()
+    if settings.guidance is None:
+        settings = replace(settings, guidance=default_guidance(model))
     fid_plan = plan_fid(str(model), reference, settings.feature, len(prompts), include_original)
     out = Path(out)
     loaded = load_for_sampling(model, None, device, dtype)

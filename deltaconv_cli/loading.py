@@ -14,7 +14,7 @@ import torch
 from diffusers import DiffusionPipeline, ModelMixin
 from huggingface_hub import snapshot_download
 
-from .architectures import SUPPORTED_TEXT, denoiser_class, meta_denoiser
+from .architectures import denoiser_class, meta_denoiser, supported_text
 from .demo import DEMO
 from .errors import DeltaConvError
 from .surgery import DeltaConvAdapter
@@ -109,7 +109,7 @@ def locate_model(source: str | Path, *, config_only: bool = False) -> ModelFolde
         if subfolder is None:
             raise DeltaConvError(
                 f"{index.get('_class_name', 'this pipeline')} at {path} has no unet or transformer; "
-                f"supported: {SUPPORTED_TEXT}"
+                f"supported: {supported_text()}"
             )
         config = _read_json(path / subfolder / "config.json")
         folder = ModelFolder(path, True, subfolder, str(index[subfolder][-1]), config)

@@ -12,34 +12,28 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import statistics
-import time
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .architectures import BUILTIN_ARCHITECTURES, denoiser_inputs, family_of, latent_stride, meta_denoiser
 from .block import DeltaConvBlock
 from .errors import DeltaConvError
-from .linfusion import LinFusionAttention
 from .loading import locate_model
+from .mixers import MIXERS as MIXER_KINDS
+from .runtime import LiveBytes, Timer, checked_device, free_bytes, numel, torch_dtype
 from .surgery import DeltaConvAdapter, default_kernel_sizes, find_self_attention_sites, trace_token_grids
 
-MIXERS = ("attention", "deltaconv", "linfusion")
+MIXERS = ("attention", *MIXER_KINDS)  # the original, then every replacement
 PAPER_RATIO = 6929  # "6929x lower computational cost than self-attention in SD1.5" (paper, Figure 1)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------- counting
@@ -63,33 +57,9 @@ class _SDPAHandle(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensors created inside the mode that are alive at once (views and in-place
-    results share memory and are not counted again)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-
-    def _release(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
-        out = func(*args, **(kwargs or {}))
-        if not any(r.alias_info is not None for r in func._schema.returns):
-            for tensor in tree_leaves(out):
-                if isinstance(tensor, torch.Tensor):
-                    nbytes = tensor.numel() * tensor.element_size()
-                    self.live += nbytes
-                    weakref.finalize(tensor, self._release, nbytes)
-            self.peak = max(self.peak, self.live)
-        return out
-
-
 def count(run: Callable[[], Any]) -> tuple[int, int]:
     """Multiply-adds and peak activation bytes of ``run()`` (no gradients)."""
-    sdpa, flops, memory = _SDPAHandle(), FlopCounterMode(display=False), _LiveBytes()
+    sdpa, flops, memory = _SDPAHandle(), FlopCounterMode(display=False), LiveBytes()
     with torch.no_grad(), sdpa, flops, memory:
         result = run()
         del result
@@ -222,99 +192,11 @@ def _check_resolution(height: int, width: int, vae_factor: int, stride: int) -> 
     return height // vae_factor, width // vae_factor
 
 
-def _nbytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def _numel(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-# ----------------------------------------------------------------------------------------------- measuring
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return psutil.virtual_memory().available
-
-
-class Timer:
-    """Latency of callables on one device: warm-up, then the median of synchronised repeats."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, repeats: int, budget_s: float) -> None:
-        self.device, self.dtype, self.repeats, self.budget_s = device, dtype, repeats, budget_s
-        self.macs_per_s = self._calibrate()
-
-    def _calibrate(self) -> float:
-        a = torch.randn(1024, 1024, device=self.device, dtype=self.dtype)
-        times = []
-        for _ in range(4):
-            _sync(self.device)
-            start = time.perf_counter()
-            a @ a
-            _sync(self.device)
-            times.append(time.perf_counter() - start)
-        return 1024**3 / min(times[1:])
-
-    def skip_reason(self, macs: int, needed_bytes: int) -> str | None:
-        free = _free_bytes(self.device)
-        if needed_bytes > 0.8 * free:
-            return f"needs {needed_bytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
-        estimate = macs / self.macs_per_s * (self.repeats + 1)
-        if estimate > self.budget_s:
-            return f"estimated {estimate:.0f} s > time budget {self.budget_s:.0f} s"
-        return None
-
-    def latency_ms(self, run: Callable[[], Any]) -> float:
-        return self.interleaved_latency_ms(run, {"run": contextlib.nullcontext})["run"]
-
-    def interleaved_latency_ms(
-        self, run: Callable[[], Any], setups: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]]
-    ) -> dict[str, float]:
-        """Median latency of ``run`` under each setup, timed in turns (one of each per round, the setup
-        itself untimed) so that drift of the machine weighs on all of them alike, not on the last one."""
-        times: dict[str, list[float]] = {name: [] for name in setups}
-        with torch.no_grad():
-            for rounds in (1, self.repeats):  # the first round is the warm-up
-                for _ in range(rounds):
-                    for name, setup in setups.items():
-                        with setup():
-                            _sync(self.device)
-                            start = time.perf_counter()
-                            run()
-                            _sync(self.device)
-                            times[name].append(time.perf_counter() - start)
-        return {name: statistics.median(values[1:]) * 1e3 for name, values in times.items()}
-
-    def peak_bytes(self, run: Callable[[], Any]) -> int:
-        """Peak memory of one call beyond what was allocated before it (CUDA allocator; on the CPU,
-        tracked from tensor allocations)."""
-        with torch.no_grad():
-            if self.device.type == "cuda":
-                _sync(self.device)
-                torch.cuda.reset_peak_memory_stats(self.device)
-                base = torch.cuda.memory_allocated(self.device)
-                run()
-                _sync(self.device)
-                return torch.cuda.max_memory_allocated(self.device) - base
-            tracker = _LiveBytes()
-            with tracker:
-                run()
-            return tracker.peak
-
-
 def _mixers(channels: int, heads: int, kernel_size: int, attention: nn.Module) -> dict[str, nn.Module]:
-    return {
-        "attention": attention,
-        "deltaconv": DeltaConvBlock(channels, kernel_size),
-        "linfusion": LinFusionAttention(channels, heads, channels // heads, attention.to_q.bias is not None),
-    }
+    """The original attention and every mixer of :data:`~deltaconv_cli.mixers.MIXERS` for one site."""
+    bias = attention.to_q.bias is not None
+    return {"attention": attention, **{name: kind.build(channels, heads, kernel_size, bias)
+                                       for name, kind in MIXER_KINDS.items()}}  # fmt: skip
 
 
 def _mixer_input(mixer: str, grid: tuple[int, int], channels: int, **kw: Any) -> torch.Tensor:
@@ -338,20 +220,16 @@ def profile(
     on_progress: Callable[[str], None] | None = None,
 ) -> ProfileReport:
     """Count (and with ``measure`` time) the three mixers at every self-attention site of ``source``."""
-    if dtype not in DTYPES:
-        raise DeltaConvError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    torch_dtype = DTYPES[dtype]
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeltaConvError("--device cuda asked for, but no CUDA device is available")
+    weights_dtype = torch_dtype(dtype)
+    dev = checked_device(device)
     arch = resolve_architecture(source)
-    meta = meta_denoiser(arch.denoiser_class, arch.config, torch_dtype)
+    meta = meta_denoiser(arch.denoiser_class, arch.config, weights_dtype)
     sites = find_self_attention_sites(meta)
     by_stage = default_kernel_sizes(meta)
     kernels = {s.name: (arch.kernel_sizes or {}).get(s.name, by_stage[s.stage]) for s in sites}
     stride = latent_stride(meta)
     latents = [_check_resolution(h, w, arch.vae_factor, stride) for h, w in resolutions]
-    timer = Timer(dev, torch_dtype, repeats, time_budget_s) if measure else None
+    timer = Timer(dev, weights_dtype, repeats, time_budget_s) if measure else None
     note = on_progress or (lambda message: None)
 
     cache: dict[tuple, dict[str, Cost]] = {}
@@ -365,7 +243,7 @@ def profile(
             key = (grid, site.channels, site.heads, k)
             if key not in cache:
                 cache[key] = _layer_costs(
-                    meta.get_submodule(site.name), grid, site, k, torch_dtype, timer, note
+                    meta.get_submodule(site.name), grid, site, k, weights_dtype, timer, note
                 )
             costs = cache[key]
             layers.append(LayerProfile(site.name, site.stage, grid, site.channels, site.heads, k, **costs))
@@ -401,7 +279,7 @@ def _layer_costs(
         module = module.to(dtype)
         x = _mixer_input(name, grid, site.channels, device="meta", dtype=dtype)
         macs, act = count(partial(module, x))
-        costs[name] = Cost(macs, _numel(module), act)
+        costs[name] = Cost(macs, numel(module), act)
     if timer is not None:
         for name, cost in costs.items():
             note(f"timing {name} at {grid[0]}x{grid[1]}x{site.channels}")
@@ -436,9 +314,9 @@ def _measure_steps(
     """Whole-denoiser step latency (batch 1): original, with ΔConv blocks, with LinFusion."""
     from .architectures import denoiser_class
 
-    weights = sum(p.numel() for p in meta_denoiser(arch.denoiser_class, arch.config).parameters())
+    weights = numel(meta_denoiser(arch.denoiser_class, arch.config))
     needed = weights * timer.dtype.itemsize
-    if needed > 0.6 * _free_bytes(timer.device):
+    if needed > 0.6 * free_bytes(timer.device):
         for res in results:
             res.step_skipped = dict.fromkeys(MIXERS, f"weights need {needed / 2**30:.1f} GiB")
         return
@@ -510,23 +388,6 @@ def paper_ratio_crossing(
     return high * step, ratio(high * step)
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def human_count(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
 def plot(report: ProfileReport, path: Path) -> None:
     """Log-log PNG of multiply-adds (and measured latency) vs resolution for the three mixers."""
     import matplotlib
@@ -537,7 +398,7 @@ def plot(report: ProfileReport, path: Path) -> None:
     sides = [math.sqrt(r.height * r.width) for r in report.resolutions]
     measured = any(layer.attention.latency_ms is not None for r in report.resolutions for layer in r.layers)
     fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(12 if measured else 6.5, 4.5), squeeze=False)
-    labels = {"attention": "self-attention", "deltaconv": "ΔConvBlock", "linfusion": "LinFusion"}
+    labels = {"attention": "self-attention", **{name: kind.label for name, kind in MIXER_KINDS.items()}}
     ax = axes[0][0]
     for mixer in MIXERS:
         ax.plot(sides, [r.total(mixer) for r in report.resolutions], "o-", label=labels[mixer])

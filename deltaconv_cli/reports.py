@@ -1,17 +1,31 @@
-"""Rendering of the reports a command prints: each table is built from (heading, cell) pairs, so its
-headings and its cells cannot drift apart. The CLI prints what these return."""
+"""How each command's report reads on screen: tables and lines built from the report objects the
+library returns (the CLI prints them). Every table is built from (heading, cell) pairs, so its headings
+and its cells cannot drift apart."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from rich.console import RenderableType
 from rich.table import Table
 
-from .profile import MIXERS, ProfileReport, human_bytes, human_count
+from .mixers import MIXERS as MIXER_KINDS
+from .profile import MIXERS, ProfileReport
+from .runtime import human_bytes, human_count
 
-MIXER_LABELS = {"attention": "attn", "deltaconv": "ΔConv", "linfusion": "LinFusion"}
+MIXER_LABELS = {"attention": "attn", **{name: kind.label for name, kind in MIXER_KINDS.items()}}
 Column = tuple[str, Callable[[Any], str]]
+Rendered = list[RenderableType]  # tables and lines, printed in order
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def table(title: str, columns: Sequence[Column], rows: Sequence[Any], left: int = 1) -> Table:
@@ -80,6 +94,11 @@ def profile_tables(report: ProfileReport, measured: bool) -> list[Table]:
     return tables
 
 
+def profile_report(report: ProfileReport, measured: bool) -> Rendered:
+    """``profile``: the tables, then what was skipped and where the paper's ratio is passed."""
+    return [*profile_tables(report, measured), *profile_notes(report)]
+
+
 def profile_notes(report: ProfileReport) -> list[str]:
     """What was skipped and why, and where attention/ΔConv passes the paper's ratio."""
     notes = []
@@ -100,3 +119,121 @@ def profile_notes(report: ProfileReport) -> list[str]:
     else:
         notes.append(f"attention/ΔConv does not reach the paper's {report.paper_ratio:,}x below 65,536 px.")
     return notes
+
+
+def convert_report(report: Any) -> Rendered:
+    """``convert``: the replaced layers and the parameter counts."""
+    title = f"{report.denoiser_class} ({report.family}): {len(report.layers)} self-attention layers"
+    columns: list[Column] = [
+        ("layer", lambda layer: layer.name),
+        ("stride", lambda layer: str(layer.grid_stride)),
+        ("channels", lambda layer: str(layer.channels)),
+        ("kernel", lambda layer: str(layer.kernel_size)),
+        ("attention params", lambda layer: f"{layer.attention_params:,}"),
+        ("block params", lambda layer: f"{layer.block_params:,}"),
+    ]
+    out = Path(report.out)
+    return [
+        table(title, columns, report.layers),
+        f"parameters: {report.params_before:,} before, {report.params_after:,} after "
+        f"(attention {report.params_removed:,} removed, ΔConv blocks {report.params_added:,} added)\n"
+        f"stride: latent pixels per token. Wrote {out} (adapter in {out / 'deltaconv'}).",
+    ]
+
+
+def distill_report(result: Any) -> Rendered:
+    """``distill``: converted vs distilled student against the teacher, and where the outputs are."""
+    report = result.report
+
+    def adherence(row: dict[str, Any]) -> str:
+        value = row.get("student_adherence")
+        return "-" if value is None else f"{value:.3f} (teacher {row['teacher_adherence']:.3f})"
+
+    columns: list[Column] = [
+        ("student", lambda name: name),
+        ("PSNR dB", lambda name: f"{report[name]['psnr_db']:.2f}"),
+        ("SSIM", lambda name: f"{report[name]['ssim']:.3f}"),
+        ("denoiser rel. error", lambda name: f"{report[name]['denoiser_relative_error']:.3f}"),
+        ("adherence", lambda name: adherence(report[name])),
+    ]
+    title = f"teacher agreement on {len(report['prompts'])} fixed prompts and seeds"
+    lines: Rendered = [table(title, columns, ["converted", "distilled"], left=0)]
+    if report.get("resumed_from"):
+        lines.append(f"resumed from {report['resumed_from']}")
+    if report.get("note"):
+        lines.append(f"note: {report['note']}")
+    lines.append(f"adapter: {result.adapter_path}  losses: {result.out / 'loss.png'}")
+    lines.append(f"teacher / converted / distilled grid: {result.out / 'report.png'}")
+    return lines
+
+
+def sample_report(report: Any, compare: bool) -> Rendered:
+    """``sample``: how many images of which systems went where."""
+    written = len(report.images) * (2 if compare else 1)
+    systems = f"{report.system} and original" if compare else report.system
+    return [
+        f"{plural(written, 'image')} ({systems}, {report.scheduler}, {report.height}x{report.width}) "
+        f"in {report.out}; grid: {report.grid}"
+    ]
+
+
+def eval_report(report: Any) -> Rendered:
+    """``eval``: one row per system, then what was reused and skipped."""
+    columns: list[Column] = [
+        ("system", lambda r: r.name),
+        (f"FID ({report.feature})", lambda r: _number(r.fid, ".2f")),
+        ("CLIP", lambda r: _number(r.clip_score, ".2f")),
+        ("PSNR vs orig.", lambda r: _number(r.psnr_db, ".2f")),
+        ("SSIM", lambda r: _number(r.ssim, ".3f")),
+        ("traj. rel. err.", lambda r: _number(r.denoiser_relative_error, ".3f")),
+        ("adherence", lambda r: _number(r.adherence, ".3f")),
+        ("s / image", lambda r: _number(r.seconds_per_image, ".3f")),
+        ("peak memory", lambda r: human_bytes(r.peak_memory_bytes)),
+    ]
+    size = f"{report.height}x{report.width}"
+    title = f"{report.model}: {plural(report.prompts, 'prompt')}, {size}, {report.device} {report.dtype}"
+    lines: Rendered = [table(title, columns, report.systems, left=0)]
+    reused = [r for r in report.systems if r.reused]
+    lines += [f"reused the {plural(r.images, 'image')} of {r.name} (same settings)" for r in reused]
+    lines.append(
+        f"FID reference: {report.reference or 'none given'}; grid: {report.grid}; "
+        f"JSON: {Path(report.out) / 'eval.json'}"
+    )
+    lines += [f"skipped {metric}: {why}" for metric, why in report.skipped.items()]
+    return lines
+
+
+def analyze_report(report: Any, paths: dict[str, Path]) -> Rendered:
+    """``analyze``: locality per layer and band, and the recommended kernel sizes."""
+    from .analyze import short_name
+
+    def alpha(layer: Any) -> str:
+        exponent, r2 = layer.power_law_exponent, layer.power_law_r2
+        return "-" if exponent is None else f"{exponent:.2f} ({r2:.2f})"
+
+    columns: list[Column] = [
+        ("layer", lambda layer: short_name(layer.name)),
+        ("band", lambda layer: layer.band),
+        ("grid", lambda layer: f"{layer.grid[0]}x{layer.grid[1]}"),
+        ("queries", lambda layer: str(layer.queries)),
+        ("r50", lambda layer: f"{layer.radii['r50']:.1f}"),
+        ("r90", lambda layer: f"{layer.radii['r90']:.1f}"),
+        ("r90 uniform", lambda layer: f"{layer.uniform_radii['r90']:.1f}"),
+        ("alpha (R²)", alpha),
+        ("global", lambda layer: f"{layer.global_share:.1%}"),
+        ("ΔConv k", lambda layer: str(layer.kernel_size)),
+        ("coverage", lambda layer: f"{layer.delta_conv_coverage:.1%}"),
+        ("rec. k", lambda layer: str(layer.recommended_kernel_size)),
+        ("local", lambda layer: "yes" if layer.local else "no"),
+    ]
+    counts = f"{plural(len(report.prompts), 'prompt')}, {report.steps} steps"
+    current = report.current_kernel_sizes
+    advice = ", ".join(
+        f"{stage} {k} (now {current[stage]})" for stage, k in report.recommended_kernel_sizes.items()
+    )
+    return [
+        table(f"{report.model}: self-attention locality ({counts})", columns, report.layers),
+        f"recommended kernel sizes: {advice}",
+        f"wrote {', '.join(str(p) for p in paths.values())}",
+        f"use them with: deltaconv convert {report.model} -o OUT --kernel-sizes {paths['kernel_sizes.json']}",
+    ]

@@ -9,11 +9,12 @@ other kernels (other summation orders) for other batch shapes. Under ``accelerat
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
-from .architectures import denoiser_of, latent_stride
+from .architectures import denoiser_of, family_for, latent_stride
 from .errors import DeltaConvError
 from .imaging import save_grid, to_uint8
 from .loading import load_adapter, load_model, locate_model
 from .progress import advance, progress_bar
+from .runtime import checked_device, default_device, torch_dtype
 from .surgery import DeltaConvAdapter
 
 StepCallback = Callable[[], None] | None  # called after every denoising step (progress)
@@ -54,7 +56,7 @@ SCHEDULERS = {
 @dataclass
 class SampleSettings:
     steps: int = 20
-    guidance: float = 7.5
+    guidance: float | None = None  # default: the model's recommended guidance (default_guidance)
     height: int | None = None  # default: the model's native size
     width: int | None = None
     scheduler: str | None = None  # default: the pipeline's own
@@ -64,7 +66,7 @@ class SampleSettings:
         """A clear error for settings no model can use (checked before any model is loaded)."""
         if self.steps < 1:
             raise DeltaConvError(f"steps must be at least 1, got {self.steps}")
-        if not math.isfinite(self.guidance) or self.guidance < 0:
+        if self.guidance is not None and (not math.isfinite(self.guidance) or self.guidance < 0):
             raise DeltaConvError(f"guidance must be a finite number >= 0, got {self.guidance}")
         for name, value in (("height", self.height), ("width", self.width)):
             if value is not None and value <= 0:
@@ -76,6 +78,14 @@ class SampleSettings:
 def check_scheduler(name: str) -> None:
     if name not in SCHEDULERS:
         raise DeltaConvError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def default_guidance(model: str) -> float:
+    """Classifier-free guidance for ``model``: the demo teacher's recommended value, else SD's 7.5."""
+    from .demo import DEMO
+    from .demo.teacher import RECOMMENDED_GUIDANCE
+
+    return RECOMMENDED_GUIDANCE if str(model) == DEMO else 7.5
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -96,27 +106,17 @@ class LoadedModel:
         return self.adapter.config.mixer if self.adapter is not None else "original"
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_for_sampling(
     model: str, adapter: str | Path | None = None, device: str | None = None, dtype: str | None = None
 ) -> LoadedModel:
     """The pipeline of ``model`` with its adapter mounted: ``adapter`` if given, else the converted
     folder's own; a model without either samples as the original."""
-    device = device or default_device()
-    if dtype is None:
-        dtype = "float16" if device.startswith("cuda") else "float32"
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise DeltaConvError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeltaConvError("--device cuda asked for, but no CUDA device is available")
+    device = checked_device(device or default_device())
+    weights_dtype = torch_dtype(dtype or ("float16" if device.type == "cuda" else "float32"))
     folder = locate_model(model)
     if not folder.is_pipeline:
         raise DeltaConvError(f"{model} is a bare denoiser; sampling needs a whole pipeline")
-    pipe = load_model(folder, torch_dtype=torch_dtype).to(device)
+    pipe = load_model(folder, torch_dtype=weights_dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     path = Path(adapter) if adapter is not None else folder.adapter_path if folder.is_converted else None
     blocks = load_adapter(path).mount(pipe) if path is not None else None
@@ -153,10 +153,8 @@ def pipeline_images(pipe: Any, prompts: list[str], seeds: list[int], size: tuple
     """uint8 images for (prompt, seed) pairs, each latent drawn from a CPU generator seeded by its seed
     (so its starting noise does not depend on what else is in the batch); ``on_step`` is called after
     every denoising step."""
-    extra: dict[str, Any] = {}
-    parameters = _call_parameters(pipe)
-    if "use_resolution_binning" in parameters:  # PixArt would otherwise snap to its own sizes
-        extra["use_resolution_binning"] = False
+    extra: dict[str, Any] = dict(family_for(denoiser_of(pipe)).pipeline_options)
+    parameters = set(inspect.signature(type(pipe).__call__).parameters)
     if on_step is not None and "callback_on_step_end" in parameters:
         extra["callback_on_step_end"] = lambda pipe, i, t, tensors: (on_step(), {})[1]
     elif on_step is not None and "callback" in parameters:  # PixArt's older per-step callback
@@ -189,12 +187,6 @@ def generate(pipe: Any, prompts: list[str], seeds: list[int], size: tuple[int, i
 def denoising_steps(prompts: int, settings: SampleSettings, batch_size: int = 8) -> int:
     """How many denoising steps :func:`generate` runs (for progress totals)."""
     return math.ceil(prompts / batch_size) * settings.steps
-
-
-def _call_parameters(pipe: Any) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(type(pipe).__call__).parameters)
 
 
 def image_name(prompt_index: int, seed: int) -> str:
@@ -247,6 +239,8 @@ def sample(
         raise DeltaConvError("no prompts given")
     settings.check()
     check_batch_size(batch_size)
+    if settings.guidance is None:
+        settings = replace(settings, guidance=default_guidance(model))
     state = PartialState()
     loaded = load_for_sampling(model, adapter, device or str(state.device), dtype)
     if compare and loaded.adapter is None:

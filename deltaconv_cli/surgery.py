@@ -19,18 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import ConfigMixin, ModelMixin, PixArtTransformer2DModel
+from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
-from .architectures import FAMILY_KERNEL_SIZES, denoiser_inputs, denoiser_of, family_of
-from .block import DeltaConvBlock
+from .architectures import denoiser_inputs, denoiser_of, family_for
 from .errors import DeltaConvError
-from .linfusion import LinFusionAttention
-
-GRID_SOURCES = (Transformer2DModel, PixArtTransformer2DModel)
+from .mixers import get_mixer
 
 
 @dataclass(frozen=True)
@@ -53,9 +49,8 @@ def _stage_of(name: str) -> str:
 def find_self_attention_sites(model: Any) -> list[SelfAttentionSite]:
     """Every self-attention of every transformer block of a supported denoiser, in forward order."""
     denoiser = denoiser_of(model)
-    grid_sources = {
-        name: module for name, module in denoiser.named_modules() if isinstance(module, GRID_SOURCES)
-    }
+    carriers = family_for(denoiser).grid_sources
+    grid_sources = {name: module for name, module in denoiser.named_modules() if isinstance(module, carriers)}
     sites = []
     for name, module in denoiser.named_modules():
         if not isinstance(module, BasicTransformerBlock):
@@ -96,7 +91,7 @@ def default_kernel_sizes(model: Any) -> dict[str, int]:
     """
     denoiser = denoiser_of(model)
     sites = find_self_attention_sites(denoiser)
-    ref = FAMILY_KERNEL_SIZES[family_of(denoiser)]
+    ref = family_for(denoiser).kernel_sizes
     if "all" in ref:
         return {s.stage: ref["all"] for s in sites}
     sizes = {"mid_block": ref["mid"]}
@@ -236,16 +231,27 @@ class _Mount:
     requires_grad: dict[str, bool]
 
 
-MIXERS = ("deltaconv", "linfusion")
-
-
 class DeltaConvAdapter(ModelMixin, ConfigMixin):
     """The blocks that replace a denoiser's self-attention, one per entry of ``targets``.
 
-    ``mixer`` is ``"deltaconv"`` (ΔConvBlocks) or ``"linfusion"`` (LinFusion's generalized linear
-    attention, the baseline, distilled in the same harness). Build one for a model with
-    :meth:`construct_for`, put it in place with :meth:`mount`, take it out with :meth:`unmount`;
-    ``save_pretrained`` / ``from_pretrained`` store only the blocks (safetensors).
+    Build one for a model with :meth:`construct_for`, put it in place with :meth:`mount`, take it out
+    with :meth:`unmount`; ``save_pretrained`` / ``from_pretrained`` store only the blocks (safetensors).
+    Its ``config.json`` holds:
+
+    Args:
+        targets (`list[str]`): module path of each replaced self-attention, in forward order.
+        channels (`list[int]`): C of each target.
+        kernel_sizes (`list[int]`, *optional*): k of each ΔConvBlock (mixers that use kernels).
+        heads (`list[int]`, *optional*): attention heads of each target (LinFusion).
+        qkv_bias (`bool`, defaults to `False`): whether the replaced q/k/v projections have biases.
+        mixer (`str`, defaults to `"deltaconv"`): a name from :data:`deltaconv_cli.mixers.MIXERS`:
+            ``"deltaconv"`` (ΔConvBlocks) or ``"linfusion"`` (LinFusion's generalized linear attention,
+            the baseline, distilled in the same harness).
+        scales (`tuple[float]`, defaults to `(1.0, 0.5)`): the ΔConvBlock's pyramid scales.
+        inter_ratio (`float`, defaults to 0.5): C' / C of the ΔConvBlock's convolution branches.
+        gate (`str`, defaults to `"scaled"`): ``"scaled"`` or ``"sigmoid"`` (docs/method.md §1.1).
+        denoiser_class (`str`): class name of the denoiser it was built for.
+        family (`str`): that denoiser's family (``"sd"``, ``"sdxl"``, ``"pixart"``, ...).
     """
 
     config_name = "config.json"
@@ -266,21 +272,17 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         family: str = "sd",
     ) -> None:
         super().__init__()
-        if mixer == "deltaconv":
-            if kernel_sizes is None or len(kernel_sizes) != len(targets) or len(channels) != len(targets):
-                raise ValueError("targets, channels and kernel_sizes must have the same length")
-            blocks = [
-                DeltaConvBlock(c, k, scales=scales, inter_ratio=inter_ratio, gate=gate)
-                for c, k in zip(channels, kernel_sizes, strict=True)
-            ]
-        elif mixer == "linfusion":
-            if heads is None or len(heads) != len(targets) or len(channels) != len(targets):
-                raise ValueError("targets, channels and heads must have the same length")
-            blocks = [
-                LinFusionAttention(c, h, c // h, qkv_bias) for c, h in zip(channels, heads, strict=True)
-            ]
-        else:
-            raise ValueError(f"mixer must be one of {', '.join(MIXERS)}, got {mixer!r}")
+        kind = get_mixer(mixer)
+        per_site = {"channels": channels, "kernel_sizes": kernel_sizes, "heads": heads}
+        for name in ("channels", *kind.per_site):
+            if per_site[name] is None or len(per_site[name]) != len(targets):
+                raise ValueError(f"{mixer} blocks need one of {name} per target ({len(targets)})")
+        options = {"scales": scales, "inter_ratio": inter_ratio, "gate": gate}
+        unused = [None] * len(targets)
+        blocks = [
+            kind.build(c, h, k, qkv_bias, **options)
+            for c, h, k in zip(channels, heads or unused, kernel_sizes or unused, strict=True)
+        ]
         self.blocks = nn.ModuleList(blocks)
         self._mount: _Mount | None = None
 
@@ -299,13 +301,15 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         """A freshly initialised adapter for every self-attention site of ``model`` (pipeline or denoiser).
 
         ``kernel_sizes`` overrides the family defaults (see :func:`resolve_kernel_sizes`). With ``seed``
-        the initial weights are reproducible without touching the global RNG. LinFusion blocks start
-        from the projections of the attention they replace, as LinFusion does.
+        the initial weights are reproducible without touching the global RNG. Each mixer then starts
+        from the attention it replaces as its entry in :data:`deltaconv_cli.mixers.MIXERS` says
+        (LinFusion copies its projections, as LinFusion does; ΔConv keeps the authors' random start).
         """
         denoiser = denoiser_of(model)
         sites = find_self_attention_sites(denoiser)
+        kind = get_mixer(mixer)
         sizes = None
-        if mixer == "deltaconv":
+        if "kernel_sizes" in kind.per_site:
             sizes = resolve_kernel_sizes(denoiser, kernel_sizes)
             bad = sorted({k for k in sizes if k < 1 or k % 2 == 0})
             if bad:
@@ -317,18 +321,18 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
                 targets=[s.name for s in sites],
                 channels=[s.channels for s in sites],
                 kernel_sizes=sizes,
-                heads=[s.heads for s in sites] if mixer == "linfusion" else None,
+                heads=[s.heads for s in sites] if "heads" in kind.per_site else None,
                 qkv_bias=any(denoiser.get_submodule(s.name).to_q.bias is not None for s in sites),
                 mixer=mixer,
                 scales=tuple(scales),
                 inter_ratio=inter_ratio,
                 gate=gate,
                 denoiser_class=type(denoiser).__name__,
-                family=family_of(denoiser),
+                family=family_for(denoiser).name,
             )
-        if mixer == "linfusion":
+        if next(denoiser.parameters()).device.type != "meta":  # an architecture alone has nothing to copy
             for site, block in zip(sites, adapter.blocks, strict=True):
-                block.copy_projections(denoiser.get_submodule(site.name))
+                kind.initialise(block, denoiser.get_submodule(site.name))
         return adapter
 
     @property
@@ -399,14 +403,25 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
             param.requires_grad_(mount.requires_grad[name])
 
     @contextlib.contextmanager
-    def bypassed(self, active: bool = True) -> Iterator[None]:
-        """While active, the mounted model computes with its original self-attention (the teacher);
-        ``bypassed(False)`` switches the blocks back on inside an outer ``bypassed()``."""
+    def bypassed(self) -> Iterator[None]:
+        """While inside, the mounted model computes with its original self-attention (the teacher)."""
+        with self._using_original(True):
+            yield
+
+    @contextlib.contextmanager
+    def enabled(self) -> Iterator[None]:
+        """While inside, the blocks compute, also within an outer :meth:`bypassed` (the student's
+        prediction on the teacher's trajectory)."""
+        with self._using_original(False):
+            yield
+
+    @contextlib.contextmanager
+    def _using_original(self, original: bool) -> Iterator[None]:
         if self._mount is None:
             raise DeltaConvError("this adapter is not mounted")
         previous = [wrapper.use_original for wrapper in self._mount.wrappers]
         for wrapper in self._mount.wrappers:
-            wrapper.use_original = active
+            wrapper.use_original = original
         try:
             yield
         finally:

@@ -182,3 +182,28 @@ def test_corrupt_adapter(saved_pipelines, tmp_path):
 def test_not_converted_folder(saved_pipelines):
     with pytest.raises(DeltaConvError, match="has no ΔConv adapter"):
         load_converted(saved_pipelines["sd1"])
+
+
+def test_each_load_converted_call_returns_its_own_model(tmp_path):
+    tiny_denoiser("sd1").save_pretrained(tmp_path / "unet")
+    assert cli("convert", tmp_path / "unet", "-o", tmp_path / "out").exit_code == 0
+    first, second = load_converted(tmp_path / "out"), load_converted(tmp_path / "out")
+    assert first is not second
+    mounted_adapter(first).unmount()
+    assert mounted_adapter(first) is None and mounted_adapter(second) is not None
+
+
+def test_enabled_switches_the_blocks_back_on_inside_bypassed(tmp_path):
+    tiny_denoiser("sd1").save_pretrained(tmp_path / "unet")
+    assert cli("convert", tmp_path / "unet", "-o", tmp_path / "out").exit_code == 0
+    unet = load_converted(tmp_path / "out")
+    adapter = mounted_adapter(unet)
+    inputs = denoiser_inputs(unet, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        student = unet(**inputs).sample
+        with adapter.bypassed():
+            teacher = unet(**inputs).sample
+            with adapter.enabled():
+                again = unet(**inputs).sample
+            assert torch.equal(unet(**inputs).sample, teacher)
+    assert torch.equal(again, student) and not torch.equal(student, teacher)

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from deltaconv_cli.block import DeltaConvBlock
 from deltaconv_cli.cli import app
 from deltaconv_cli.linfusion import LinFusionAttention
-from deltaconv_cli.profile import Timer, count, human_count, profile
+from deltaconv_cli.profile import count, profile
+from deltaconv_cli.runtime import Timer, human_count
 
 runner = CliRunner()
 
