@@ -102,8 +102,11 @@ class DeltaConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix a ``(B, H, W, C)`` grid; returns the same shape."""
-        local = self._local_triton(x) if self.uses_triton(x) else self._local_torch(x)
-        return self.proj_out(local) + self.proj_global(x.mean(dim=(1, 2), keepdim=True))
+        return self.proj_out(self.local_features(x)) + self.proj_global(x.mean(dim=(1, 2), keepdim=True))
+
+    def local_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The gated branches, concatenated: ``(B, H, W, len(scales) * C'/2)``, what ``proj_out`` reads."""
+        return self._local_triton(x) if self.uses_triton(x) else self._local_torch(x)
 
     def _local_torch(self, x: torch.Tensor) -> torch.Tensor:
         _, height, width, _ = x.shape

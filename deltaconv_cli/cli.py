@@ -119,6 +119,13 @@ def convert(
     ] = None,
     gate: Annotated[Gate, typer.Option(help="Gate of the conv branches.")] = Gate.scaled,
     seed: Annotated[int, typer.Option(help="Seed of the blocks' random initialisation.")] = 0,
+    init: Annotated[
+        str, typer.Option(help="teacher (start from each attention's uniform limit) or random (the paper).")
+    ] = "teacher",
+    calibration_data: Annotated[
+        str | None,
+        typer.Option(help="imagefolder or demo to fit the teacher start on (default: demo for the demo)."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")] = False,
     json_out: JsonOption = None,
 ) -> None:
@@ -126,7 +133,10 @@ def convert(
     from .convert import convert as run_convert
 
     sizes = _parse_kernel_sizes(kernel_size, kernel_sizes)
-    report = run_convert(model, out, kernel_sizes=sizes, gate=gate.value, seed=seed, overwrite=overwrite)
+    report = run_convert(
+        model, out, kernel_sizes=sizes, gate=gate.value, seed=seed, init=init,
+        calibration_data=calibration_data, overwrite=overwrite,
+    )  # fmt: skip
     write_json(json_out, report.to_dict())
     if str(json_out) != "-":
         from . import reports  # imports torch: only once a command runs
@@ -171,6 +181,9 @@ def distill(
         str | None, typer.Option(help="sd15, sdxl, pixart-sigma, demo or a JSON file (default: by model).")
     ] = None,
     mixer: Annotated[str, typer.Option(help="deltaconv, or linfusion for the baseline.")] = "deltaconv",
+    init: Annotated[
+        str | None, typer.Option(help="teacher (start from the attention) or random (the paper's start).")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT's last checkpoint.")] = False,
     adapter: Annotated[Path | None, typer.Option(help="Start from this saved adapter.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Global batch per micro-step.")] = None,
@@ -202,7 +215,7 @@ def distill(
         "learning_rate": learning_rate, "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm,
         "mixed_precision": mixed_precision, "resolution": resolution, "caption_dropout": caption_dropout,
         "checkpoint_every": checkpoint_every, "gradient_checkpointing": gradient_checkpointing, "seed": seed,
-        "kernel_sizes": _parse_kernel_sizes(kernel_size, None),
+        "kernel_sizes": _parse_kernel_sizes(kernel_size, None), "init": init,
     }  # fmt: skip
     overrides.update(_parse_settings(set_))
     config = distillation.config_for(model, recipe, mixer, **overrides)

@@ -14,10 +14,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .architectures import denoiser_of
+from .demo import DEMO
 from .errors import DeltaConvError
-from .loading import ADAPTER_DIR, PICKLE_SUFFIXES, locate_model
+from .loading import ADAPTER_DIR, PICKLE_SUFFIXES, load_attention_weights, load_model, locate_model
+from .mixers import check_init
 from .runtime import numel
 from .surgery import DeltaConvAdapter, find_self_attention_sites, trace_token_grids
 
@@ -41,6 +45,8 @@ class ConversionReport:
     family: str
     layers: list[ReplacedLayer] = field(default_factory=list)
     params_before: int = 0
+    init: str = "teacher"
+    calibration: dict[str, Any] | None = None  # what the start was fitted on, and its cost
 
     @property
     def params_removed(self) -> int:
@@ -87,6 +93,26 @@ def _copy_model_files(src: Path, dst: Path, show_progress: bool) -> None:
             progress.advance(task, f.stat().st_size)
 
 
+def _calibrate(folder: Any, adapter: DeltaConvAdapter, data: str, seed: int) -> dict[str, Any]:
+    """Fit the new blocks to the teacher on ``data`` at the model's native size (loads the pipeline)."""
+    from .calibration import calibrate
+    from .data import open_data
+
+    open_data(data)  # a clear error for a bad data folder before the model is loaded
+    pipe = load_model(folder)
+    adapter.to(torch.float32)
+    adapter.mount(pipe, dtype=torch.float32)
+    try:
+        native = denoiser_of(pipe).config.sample_size
+        resolution = (native if isinstance(native, int) else native[0]) * folder.vae_factor
+        fit = calibrate(pipe, adapter, data, resolution, seed=seed)
+    finally:
+        adapter.unmount()
+    return {"data": data, "samples": fit.samples, "timesteps": fit.timesteps, "seconds": fit.seconds,
+            "error_before": fit.error_before, "error_after": fit.error_after,
+            "summary": fit.summary()}  # fmt: skip
+
+
 def convert(
     source: str | Path,
     out: str | Path,
@@ -94,10 +120,14 @@ def convert(
     kernel_sizes: int | Mapping[str, int] | None = None,
     gate: str = "scaled",
     seed: int = 0,
+    init: str = "teacher",
+    calibration_data: str | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> ConversionReport:
-    """Write ``out``: the model of ``source`` plus a new ΔConv adapter for all its self-attention."""
+    """Write ``out``: the model of ``source`` plus a new ΔConv adapter for all its self-attention,
+    started from each attention's weights (``init="teacher"``, reading only those) or randomly."""
+    check_init(init)
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise DeltaConvError(f"{out} exists and is not a folder")
@@ -108,15 +138,25 @@ def convert(
         raise DeltaConvError(f"the output folder {out} must not be the model folder or lie inside it")
 
     denoiser = folder.meta_denoiser()
+    calibration_data = calibration_data or (DEMO if str(source) == DEMO and init == "teacher" else None)
+    if calibration_data is not None and (init != "teacher" or not folder.is_pipeline):
+        raise DeltaConvError("calibration data fits a teacher-initialised start and needs a whole pipeline")
     try:
-        adapter = DeltaConvAdapter.construct_for(denoiser, kernel_sizes, gate=gate, seed=seed)
+        adapter = DeltaConvAdapter.construct_for(denoiser, kernel_sizes, gate=gate, seed=seed, init=init)
     except ValueError as err:
         raise DeltaConvError(str(err)) from None
     sites = find_self_attention_sites(denoiser)
     latent = denoiser.config.sample_size
     latent = latent if isinstance(latent, int) else latent[0]
     grids = trace_token_grids(denoiser, latent, latent)
+    report_calibration = None
+    if init == "teacher":  # reads only the attention weights, not the whole model
+        load_attention_weights(folder, denoiser, sites)
+        adapter.initialise_from(denoiser, init)
+    if calibration_data is not None:
+        report_calibration = _calibrate(folder, adapter, calibration_data, seed)
     report = ConversionReport(str(source), str(out), folder.denoiser_class, adapter.config.family)
+    report.init, report.calibration = init, report_calibration
     report.params_before = numel(denoiser)
     for site, block in zip(sites, adapter.blocks, strict=True):
         report.layers.append(

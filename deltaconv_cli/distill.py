@@ -52,7 +52,7 @@ from .conditioning import encode_prompts, predict
 from .data import DEMO, batch_indices, image_tensor, open_data
 from .errors import DeltaConvError
 from .loading import load_adapter, load_model, locate_model
-from .mixers import MIXERS
+from .mixers import INITS, MIXERS
 from .progress import advance, progress_bar
 from .surgery import DeltaConvAdapter, ReplacedSelfAttention
 
@@ -70,6 +70,9 @@ class DistillConfig:
     mixer: str = "deltaconv"
     kernel_sizes: int | dict[str, int] | None = None
     gate: str = "scaled"
+    init: str = "teacher"  # new blocks start from the attention ("teacher") or randomly (the paper)
+    calibration_samples: int = 32  # with init "teacher": images the start is fitted on (0: no fit)
+    calibration_timesteps: int = 8
     resolution: int = 512
     batch_size: int = 16  # global batch per micro-step, split across processes
     gradient_accumulation_steps: int = 1
@@ -133,6 +136,9 @@ _NUMBER = (int, float)
 _SETTING_RULES: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] = {
     "mixer": ((str,), lambda v: v in MIXERS, f"one of {', '.join(MIXERS)}"),
     "gate": ((str,), lambda v: v in GATES, f"one of {', '.join(GATES)}"),
+    "init": ((str,), lambda v: v in INITS, f"one of {', '.join(INITS)}"),
+    "calibration_samples": (_COUNT, lambda v: v >= 0, "a number of images >= 0"),
+    "calibration_timesteps": (_COUNT, lambda v: v >= 1, "at least 1"),
     "resolution": (_COUNT, lambda v: v > 0, "a positive number of pixels"),
     "batch_size": (_COUNT, lambda v: v >= 1, "at least 1"),
     "gradient_accumulation_steps": (_COUNT, lambda v: v >= 1, "at least 1"),
@@ -425,10 +431,18 @@ def distill(
     for component in pipe.components.values():  # VAE and text encoders frozen; mount freezes the denoiser
         if isinstance(component, nn.Module):
             component.requires_grad_(False)
-    blocks = _starting_adapter(pipe, folder, adapter, config)
+    blocks, new = _starting_adapter(pipe, folder, adapter, config)
     blocks.mount(pipe, dtype=torch.float32)
-    initial_state = copy.deepcopy(blocks.state_dict())
     pipe.to(accelerator.device)
+    if new and not resume and config.init == "teacher" and config.mixer == "deltaconv":
+        if config.calibration_samples > 0:
+            from .calibration import calibrate
+
+            fit = calibrate(pipe, blocks, data, config.resolution, samples=config.calibration_samples,
+                            timesteps=config.calibration_timesteps, seed=config.seed)  # fmt: skip
+            _note(f"fitted the new blocks to the teacher's attention on {fit.samples} images at "
+                  f"{len(fit.timesteps)} timesteps in {fit.seconds:.0f} s ({fit.summary()})")  # fmt: skip
+    initial_state = copy.deepcopy(blocks.state_dict())
     if config.gradient_checkpointing:
         denoiser_of(pipe).enable_gradient_checkpointing()
     denoiser_of(pipe).eval()
@@ -526,8 +540,9 @@ def _trackers(accelerator: Any, config: DistillConfig, out: Path, settings: dict
 
 def _starting_adapter(
     pipe: Any, folder: Any, adapter: str | Path | None, config: DistillConfig
-) -> DeltaConvAdapter:
-    """A given adapter, the converted folder's own, or new blocks built with the run's settings."""
+) -> tuple[DeltaConvAdapter, bool]:
+    """A given adapter, the converted folder's own, or new blocks built with the run's settings (then
+    the second value is True)."""
     if adapter is not None or (folder.is_converted and config.mixer == "deltaconv"):
         blocks = load_adapter(adapter if adapter is not None else folder.adapter_path)
         if blocks.config.mixer != config.mixer:
@@ -535,10 +550,11 @@ def _starting_adapter(
                 f"the adapter holds {blocks.config.mixer} blocks, the run asks for {config.mixer}"
             )
         blocks.check_matches(pipe)
-        return blocks
-    return DeltaConvAdapter.construct_for(
-        pipe, config.kernel_sizes, mixer=config.mixer, gate=config.gate, seed=config.seed
+        return blocks, False
+    blocks = DeltaConvAdapter.construct_for(
+        pipe, config.kernel_sizes, mixer=config.mixer, gate=config.gate, seed=config.seed, init=config.init
     )
+    return blocks, True
 
 
 class MicroBatches(torch.utils.data.Dataset):

@@ -149,6 +149,30 @@ def check_safetensors_only(folder: Path) -> None:
             )
 
 
+def load_attention_weights(folder: ModelFolder, denoiser: ModelMixin, sites: list[Any]) -> None:
+    """Read only the weights of the self-attention modules at ``sites`` from the folder's safetensors
+    into ``denoiser`` (an architecture on the meta device): enough to start blocks from the attention
+    they replace without loading the whole model."""
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+
+    root = folder.path / folder.denoiser_subfolder if folder.is_pipeline else folder.path
+    prefixes = tuple(f"{site.name}." for site in sites)
+    # Plain files first: a variant (e.g. *.fp16.safetensors) only fills keys they lack.
+    files = sorted(root.glob("*.safetensors"), key=lambda f: (f.name.count(".") > 1, f.name))
+    found: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as tensors:
+            for key in tensors.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if key.startswith(prefixes) and key not in found:
+                    value = tensors.get_tensor(key).float()
+                    set_module_tensor_to_device(denoiser, key, "cpu", value=value, dtype=torch.float32)
+                    found.add(key)
+    missing = [site.name for site in sites if f"{site.name}.to_v.weight" not in found]
+    if missing:
+        raise DeltaConvError(f"{root} has no weights for {missing[0]}; cannot start the blocks from it")
+
+
 def load_model(folder: ModelFolder, *, torch_dtype: torch.dtype | None = None) -> Any:
     """The pipeline (or bare denoiser) in ``folder``, as diffusers loads it, from safetensors only."""
     try:

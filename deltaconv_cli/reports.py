@@ -133,8 +133,15 @@ def convert_report(report: Any) -> Rendered:
         ("block params", lambda layer: f"{layer.block_params:,}"),
     ]
     out = Path(report.out)
+    start = f"blocks start: {report.init}"
+    if report.calibration:
+        fit = report.calibration
+        start += (f", fitted to the teacher on {fit['samples']} images of {fit['data']} at "
+                  f"{len(fit['timesteps'])} timesteps in {fit['seconds']:.0f} s "
+                  f"({fit['summary']})")  # fmt: skip
     return [
         table(title, columns, report.layers),
+        start,
         f"parameters: {report.params_before:,} before, {report.params_after:,} after "
         f"(attention {report.params_removed:,} removed, ΔConv blocks {report.params_added:,} added)\n"
         f"stride: latent pixels per token. Wrote {out} (adapter in {out / 'deltaconv'}).",

@@ -26,7 +26,7 @@ from torch import nn
 
 from .architectures import denoiser_inputs, denoiser_of, family_for
 from .errors import DeltaConvError
-from .mixers import get_mixer
+from .mixers import check_init, get_mixer
 
 
 @dataclass(frozen=True)
@@ -297,17 +297,20 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         inter_ratio: float = 0.5,
         gate: str = "scaled",
         seed: int | None = None,
+        init: str = "teacher",
     ) -> DeltaConvAdapter:
         """A freshly initialised adapter for every self-attention site of ``model`` (pipeline or denoiser).
 
         ``kernel_sizes`` overrides the family defaults (see :func:`resolve_kernel_sizes`). With ``seed``
-        the initial weights are reproducible without touching the global RNG. Each mixer then starts
-        from the attention it replaces as its entry in :data:`deltaconv_cli.mixers.MIXERS` says
-        (LinFusion copies its projections, as LinFusion does; ΔConv keeps the authors' random start).
+        the initial weights are reproducible without touching the global RNG. ``init`` says how each
+        block starts from the attention it replaces (:data:`deltaconv_cli.mixers.INITS`): ``"teacher"``
+        (ΔConv: the attention's uniform limit, docs/method.md §1.4) or ``"random"`` (the ΔConv authors'
+        start); LinFusion copies the projections either way, as LinFusion does.
         """
         denoiser = denoiser_of(model)
         sites = find_self_attention_sites(denoiser)
         kind = get_mixer(mixer)
+        check_init(init)
         sizes = None
         if "kernel_sizes" in kind.per_site:
             sizes = resolve_kernel_sizes(denoiser, kernel_sizes)
@@ -330,10 +333,18 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
                 denoiser_class=type(denoiser).__name__,
                 family=family_for(denoiser).name,
             )
-        if next(denoiser.parameters()).device.type != "meta":  # an architecture alone has nothing to copy
-            for site, block in zip(sites, adapter.blocks, strict=True):
-                kind.initialise(block, denoiser.get_submodule(site.name))
-        return adapter
+        return adapter.initialise_from(denoiser, init)
+
+    def initialise_from(self, model: Any, init: str = "teacher") -> DeltaConvAdapter:
+        """Start each block from the attention it replaces in ``model`` as ``init`` says (see
+        :meth:`construct_for`); attention modules without weights (meta device) are passed over."""
+        denoiser = denoiser_of(model)
+        start = get_mixer(self.config.mixer).initialisers[check_init(init)]
+        for target, block in zip(self.config.targets, self.blocks, strict=True):
+            attention = denoiser.get_submodule(target)
+            if attention.to_v.weight.device.type != "meta":
+                start(block, attention)
+        return self
 
     @property
     def is_mounted(self) -> bool:

@@ -123,7 +123,8 @@ def test_loss_terms_against_hand_computed_values(layout, feature, saved_pipeline
         expected = sum(F.mse_loss(s, t) for s, t in zip(student_feats, teacher_feats, strict=True))
         torch.testing.assert_close(terms["feature"], expected)
     assert terms["feature"] > 0
-    total = terms["denoise"] + terms["teacher"] + config.feature_weight * terms["feature"]
+    weights = (config.denoise_weight, config.teacher_weight, config.feature_weight)
+    total = weights[0] * terms["denoise"] + weights[1] * terms["teacher"] + weights[2] * terms["feature"]
     torch.testing.assert_close(terms["total"], total)
 
 
