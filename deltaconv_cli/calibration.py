@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler
 
 from .architectures import denoiser_of
 from .block import DeltaConvBlock
-from .conditioning import encode_prompts, predict
+from .conditioning import encode_prompts, latent_posterior, predict
 from .data import image_tensor, open_data
 from .errors import DeltaConvError
 from .surgery import DeltaConvAdapter, ReplacedSelfAttention
@@ -125,14 +125,13 @@ def calibrate(
     wrappers = [m for m in denoiser.modules() if isinstance(m, ReplacedSelfAttention)]
     hooks = [w.register_forward_hook(record, with_kwargs=True) for w in wrappers]
     generator = torch.Generator().manual_seed(seed)
-    vae = pipe.vae
     try:
         with adapter.bypassed():
             for start in range(0, samples, batch_size):
                 chosen = [dataset[i] for i in range(start, min(start + batch_size, samples))]
                 images = torch.stack([image_tensor(s.image, resolution) for s in chosen])
-                images = images.to(denoiser.device, vae.dtype)
-                latents = vae.encode(images).latent_dist.mode().float() * vae.config.scaling_factor
+                posterior = latent_posterior(pipe, images)
+                latents = posterior.mode().float().to(denoiser.device) * pipe.vae.config.scaling_factor
                 cond = encode_prompts(pipe, [s.caption for s in chosen], resolution, resolution)
                 for level in levels:
                     note(f"calibrating: images {start + 1}-{start + len(chosen)} of {samples}, t = {level}")

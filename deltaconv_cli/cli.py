@@ -146,11 +146,8 @@ def convert(
 
 def _parse_settings(values: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs for DistillConfig fields, with values parsed as JSON where they parse."""
-    from dataclasses import fields
+    from .distill import SETTING_NAMES as known
 
-    from .distill import DistillConfig
-
-    known = {f.name for f in fields(DistillConfig)}
     settings = {}
     for item in values:
         key, sep, raw = item.partition("=")

@@ -19,6 +19,14 @@ def encode_prompts(pipe: Any, prompts: list[str], height: int, width: int) -> di
     return family_for(denoiser_of(pipe)).encode_prompts(pipe, prompts, height, width)
 
 
+def latent_posterior(pipe: Any, images: torch.Tensor) -> Any:
+    """The VAE's posterior of ``images`` (in [-1, 1]), in float32 where the VAE asks to be upcast (SDXL's
+    VAE overflows in fp16). Latents are ``sample`` or ``mode()`` times ``vae.config.scaling_factor``."""
+    vae = pipe.vae
+    dtype = torch.float32 if vae.config.get("force_upcast") else vae.dtype
+    return vae.to(dtype).encode(images.to(vae.device, dtype)).latent_dist
+
+
 def predict(
     denoiser: ModelMixin, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
 ) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .architectures import denoiser_of
+from .data import open_data
 from .demo import DEMO
 from .errors import DeltaConvError
 from .loading import ADAPTER_DIR, PICKLE_SUFFIXES, load_attention_weights, load_model, locate_model
@@ -96,11 +97,8 @@ def _copy_model_files(src: Path, dst: Path, show_progress: bool) -> None:
 def _calibrate(folder: Any, adapter: DeltaConvAdapter, data: str, seed: int) -> dict[str, Any]:
     """Fit the new blocks to the teacher on ``data`` at the model's native size (loads the pipeline)."""
     from .calibration import calibrate
-    from .data import open_data
 
-    open_data(data)  # a clear error for a bad data folder before the model is loaded
     pipe = load_model(folder)
-    adapter.to(torch.float32)
     adapter.mount(pipe, dtype=torch.float32)
     try:
         native = denoiser_of(pipe).config.sample_size
@@ -141,6 +139,8 @@ def convert(
     calibration_data = calibration_data or (DEMO if str(source) == DEMO and init == "teacher" else None)
     if calibration_data is not None and (init != "teacher" or not folder.is_pipeline):
         raise DeltaConvError("calibration data fits a teacher-initialised start and needs a whole pipeline")
+    if calibration_data is not None:
+        open_data(calibration_data)  # a clear error for a bad data folder before any weight is read
     try:
         adapter = DeltaConvAdapter.construct_for(denoiser, kernel_sizes, gate=gate, seed=seed, init=init)
     except ValueError as err:

@@ -48,7 +48,7 @@ from torch import nn
 
 from .architectures import denoiser_of, family_for
 from .block import GATES
-from .conditioning import encode_prompts, predict
+from .conditioning import encode_prompts, latent_posterior, predict
 from .data import DEMO, batch_indices, image_tensor, open_data
 from .errors import DeltaConvError
 from .loading import load_adapter, load_model, locate_model
@@ -103,12 +103,10 @@ class DistillConfig:
         """A clear one-line error for the first setting no run can use (before any model is loaded)."""
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps <= 0:
             raise DeltaConvError(f"--steps must be a positive number, got {self.steps}")
-        for name, rule in _SETTING_RULES.items():
+        for name, (kind, allowed, description) in _SETTING_RULES.items():
             value = getattr(self, name)
-            kind, allowed, description = rule
-            if not isinstance(value, kind) or isinstance(value, bool) and bool not in kind:
-                raise DeltaConvError(f"setting {name} must be {description}, got {value!r}")
-            if not allowed(value):
+            wrong_type = not isinstance(value, kind) or isinstance(value, bool) and bool not in kind
+            if wrong_type or not allowed(value):
                 raise DeltaConvError(f"setting {name} must be {description}, got {value!r}")
         sizes = self.kernel_sizes
         values = [sizes] if isinstance(sizes, int) else list((sizes or {}).values())
@@ -124,6 +122,9 @@ class DistillConfig:
                     "report_steps", "report_guidance", "report_to"):  # fmt: skip
             data.pop(key)
         return data
+
+
+SETTING_NAMES = frozenset(f.name for f in fields(DistillConfig))
 
 
 def _finite(low: float, high: float = math.inf, *, open_low: bool = False) -> Callable[[Any], bool]:
@@ -188,8 +189,7 @@ def load_recipe(name: str | Path, mixer: str = "deltaconv") -> dict[str, Any]:
     if mixer == "linfusion":
         recipe.update(overrides)
     recipe["mixer"] = mixer
-    known = {f.name for f in fields(DistillConfig)}
-    unknown = sorted(set(recipe) - known)
+    unknown = sorted(set(recipe) - SETTING_NAMES)
     if unknown:
         raise DeltaConvError(f"recipe {path} has unknown settings: {', '.join(unknown)}")
     return recipe
@@ -218,7 +218,7 @@ def config_for(model: str, recipe: str | Path | None = None, mixer: str = "delta
 
 
 def _settings(**settings: Any) -> DistillConfig:
-    unknown = sorted(set(settings) - {f.name for f in fields(DistillConfig)})
+    unknown = sorted(set(settings) - SETTING_NAMES)
     if unknown:
         raise DeltaConvError(f"unknown distill settings: {', '.join(unknown)}")
     return DistillConfig(**settings)
@@ -266,8 +266,7 @@ class DistillationObjective(nn.Module):
     def _inputs(self, images: torch.Tensor, captions: list[str], seeds: list[tuple[int, int, int]]):
         pipe, device = self.pipe, self.denoiser.device
         vae = pipe.vae
-        vae_dtype = torch.float32 if vae.config.get("force_upcast") else vae.dtype
-        posterior = vae.to(vae_dtype).encode(images.to(device, vae_dtype)).latent_dist
+        posterior = latent_posterior(pipe, images)
         gens = [sample_generator(*s) for s in seeds]
         shape = posterior.mean.shape[1:]
         posterior_noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
@@ -434,14 +433,16 @@ def distill(
     blocks, new = _starting_adapter(pipe, folder, adapter, config)
     blocks.mount(pipe, dtype=torch.float32)
     pipe.to(accelerator.device)
-    if new and not resume and config.init == "teacher" and config.mixer == "deltaconv":
-        if config.calibration_samples > 0:
-            from .calibration import calibrate
+    fit_start = config.init == "teacher" and config.mixer == "deltaconv" and config.calibration_samples > 0
+    if new and not resume and fit_start:
+        from .calibration import calibrate
 
+        with _status(show_progress and accelerator.is_main_process) as update:
             fit = calibrate(pipe, blocks, data, config.resolution, samples=config.calibration_samples,
-                            timesteps=config.calibration_timesteps, seed=config.seed)  # fmt: skip
-            _note(f"fitted the new blocks to the teacher's attention on {fit.samples} images at "
-                  f"{len(fit.timesteps)} timesteps in {fit.seconds:.0f} s ({fit.summary()})")  # fmt: skip
+                            timesteps=config.calibration_timesteps, seed=config.seed,
+                            on_progress=update)  # fmt: skip
+        _note(f"fitted the new blocks to the teacher's attention on {fit.samples} images at "
+              f"{len(fit.timesteps)} timesteps in {fit.seconds:.0f} s ({fit.summary()})")  # fmt: skip
     initial_state = copy.deepcopy(blocks.state_dict())
     if config.gradient_checkpointing:
         denoiser_of(pipe).enable_gradient_checkpointing()
@@ -491,6 +492,16 @@ def distill(
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return DistillResult(out, steps_done, out / "adapter", report)
+
+
+@contextlib.contextmanager
+def _status(show: bool) -> Iterator[Callable[[str], None]]:
+    """A one-line status on stderr for work with no natural step count; yields its update function."""
+    if not show:
+        yield lambda message: None
+        return
+    with Console(stderr=True).status("", spinner="dots") as status:
+        yield status.update
 
 
 def _note(message: str) -> None:
@@ -608,7 +619,8 @@ class TrainingRun:
         """Optimise from ``step`` to ``config.steps``; returns the number of steps done."""
         accelerator, config = self.accelerator, self.config
         start = self.step
-        last_good = _checkpoints(self.out)[-1] if _checkpoints(self.out) else None
+        written = _checkpoints(self.out)
+        last_good = written[-1] if written else None
         with progress_bar(disable=not (show_progress and accelerator.is_main_process)) as progress:
             task = progress.add_task("distilling", total=config.steps, completed=start, status="")
             try:

@@ -141,10 +141,6 @@ def folder_features(folder: Path, feature: str, device: torch.device) -> np.ndar
 
 MIN_FID_IMAGES = 2  # a covariance needs two samples
 FEW_FID_IMAGES = 200  # below this FID is dominated by its bias and noise (clean-fid uses 10k-50k)
-FEATURE_HELP = (
-    "inception (clean-fid's Inception: for real models and photos) or domain (the demo's own extractor: "
-    "for the embedded demo teacher only)"
-)
 
 
 @dataclass(frozen=True)

@@ -324,11 +324,10 @@ def _measure_steps(
     with torch.device(timer.device):
         denoiser = denoiser_class(arch.denoiser_class).from_config(arch.config)
     denoiser = nn.Module.to(denoiser, timer.dtype).eval()  # nn.Module.to: no diffusers dtype warning
-    adapters = {
-        "attention": None,
-        "deltaconv": DeltaConvAdapter.construct_for(denoiser, kernels),
-        "linfusion": DeltaConvAdapter.construct_for(denoiser, mixer="linfusion"),
-    }
+    adapters = {"attention": None}
+    adapters.update(
+        {name: DeltaConvAdapter.construct_for(denoiser, kernels, mixer=name) for name in MIXER_KINDS}
+    )
 
     @contextlib.contextmanager
     def mounted(adapter: DeltaConvAdapter | None) -> Iterator[None]:
