@@ -21,7 +21,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from deltaconv_cli.calibration import calibrate
-from deltaconv_cli.conditioning import encode_prompts, predict
+from deltaconv_cli.conditioning import encode_prompts, latent_posterior, predict
 from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.quality import HELD_OUT_SEED
 from deltaconv_cli.demo.teacher import to_tensor
@@ -36,7 +36,7 @@ def relative_errors(scenes: int = 16, timesteps: int = 16, seed: int = 0) -> dic
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     chosen = [domain.make_scene(HELD_OUT_SEED, i) for i in range(scenes)]
     images = to_tensor(np.stack([domain.render(s) for s in chosen]))
-    x0 = pipe.vae.encode(images).latent_dist.mode() * pipe.vae.config.scaling_factor
+    x0 = latent_posterior(pipe, images).mode() * pipe.vae.config.scaling_factor
     cond = encode_prompts(pipe, [s.caption for s in chosen], *images.shape[-2:])
     steps = np.linspace(50, 950, timesteps).round().astype(int)
     generator = torch.Generator().manual_seed(seed)

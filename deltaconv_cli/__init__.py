@@ -19,6 +19,8 @@ _PUBLIC = {
     "load_converted": "loading",
     "load_adapter": "loading",
     "convert": "convert",
+    "read_weights": "interop",
+    "export_adapter": "interop",
     "DeltaConvError": "errors",
 }
 __all__ = sorted(_PUBLIC)

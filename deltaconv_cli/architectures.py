@@ -48,6 +48,9 @@ class Family:
         matches: ``config -> bool``, to tell families that share a class apart.
         residual_tap: ``block -> module`` whose first input is the residual stream right after the
             self-attention sub-block (the feature ``distill`` compares by default).
+        released_gate: the gate of the ΔConv authors' released students of this family (their files
+            do not say; docs/method.md §1.1).
+        released_base: the base model those students were distilled from, for messages.
     """
 
     name: str
@@ -64,6 +67,8 @@ class Family:
     pipeline_options: dict[str, Any] = field(default_factory=dict)
     matches: Callable[[Any], bool] = lambda config: True
     residual_tap: Callable[[BasicTransformerBlock], nn.Module] = lambda block: _residual_tap(block)
+    released_gate: str = "scaled"
+    released_base: str | None = None
 
 
 def _residual_tap(block: BasicTransformerBlock) -> nn.Module:
@@ -183,6 +188,7 @@ SD = Family(
     call=_unet_call,
     latent_stride=_unet_stride,
     matches=lambda config: config.get("addition_embed_type") != "text_time",
+    released_base="DreamShaper 8 (Lykon/dreamshaper-8, an SD 1.5 fine-tune)",
 )
 SDXL = Family(
     name="sdxl",
@@ -197,6 +203,7 @@ SDXL = Family(
     call=_unet_call,
     latent_stride=_unet_stride,
     matches=lambda config: config.get("addition_embed_type") == "text_time",
+    released_base="SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0)",
 )
 PIXART = Family(
     name="pixart",
@@ -211,6 +218,8 @@ PIXART = Family(
     call=_dit_call,
     latent_stride=lambda denoiser: denoiser.config.patch_size,
     pipeline_options={"use_resolution_binning": False},  # PixArt would otherwise snap to its own sizes
+    released_gate="sigmoid",
+    released_base="PixArt-Sigma-XL-2-512-MS (PixArt-alpha/PixArt-Sigma-XL-2-512-MS)",
 )
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, PIXART)}
 

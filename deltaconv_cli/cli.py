@@ -126,22 +126,56 @@ def convert(
         str | None,
         typer.Option(help="imagefolder or demo to fit the teacher start on (default: demo for the demo)."),
     ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Import released blocks instead of starting new ones: a ConvFusion .safetensors file (the "
+            "ΔConv authors' students, distilled from DreamShaper 8, SDXL base 1.0 or "
+            "PixArt-Sigma-XL-2-512-MS: give that model as MODEL), a LinFusion folder, a deltaconv "
+            "adapter, or a hub id (owner/name, hf://owner/name/path). The layout is read from the files.",
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")] = False,
     json_out: JsonOption = None,
 ) -> None:
-    """Replace every self-attention of MODEL with a ΔConvBlock and write the result to OUT."""
+    """Replace every self-attention of MODEL with a ΔConvBlock (new, or imported with --weights) and write
+    the result to OUT."""
     from .convert import convert as run_convert
 
     sizes = _parse_kernel_sizes(kernel_size, kernel_sizes)
     report = run_convert(
         model, out, kernel_sizes=sizes, gate=gate.value, seed=seed, init=init,
-        calibration_data=calibration_data, overwrite=overwrite,
+        calibration_data=calibration_data, overwrite=overwrite, weights=weights,
     )  # fmt: skip
     write_json(json_out, report.to_dict())
     if str(json_out) != "-":
         from . import reports  # imports torch: only once a command runs
 
         show(reports.convert_report(report))
+
+
+@app.command()
+@user_errors
+def export(
+    adapter: Annotated[Path, typer.Argument(help="An adapter folder, or a converted model folder.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="convfusion (the ΔConv authors' file) or linfusion (its folder).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The .safetensors file (convfusion) or folder (linfusion).")
+    ],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
+    json_out: JsonOption = None,
+) -> None:
+    """Write an adapter in another project's layout, for the ΔConv authors' or LinFusion's own code."""
+    from .interop import export_adapter
+
+    report = export_adapter(adapter, fmt, out, overwrite=overwrite)
+    write_json(json_out, asdict(report))
+    if str(json_out) != "-":
+        console.print(f"wrote {report.blocks} blocks ({report.tensors} tensors) in the {fmt} layout to {out}")
+        for note in report.notes:
+            console.print(note)
 
 
 def _parse_settings(values: list[str]) -> dict[str, Any]:
@@ -334,6 +368,9 @@ def eval_command(
     scheduler: Annotated[str | None, typer.Option()] = None,
     batch_size: Annotated[int, typer.Option()] = 8,
     trajectory_prompts: Annotated[int, typer.Option(help="Prompts for the trajectory comparison.")] = 8,
+    timing_rounds: Annotated[
+        int, typer.Option(help="Timed rounds of one image per system, systems in turns (0: no timing).")
+    ] = 3,
     out: Annotated[Path, typer.Option("--out", "-o")] = Path("eval"),
     device: DeviceOption = None,
     dtype: DtypeOption = None,
@@ -344,7 +381,7 @@ def eval_command(
 
     prompt_list, source = read_prompts(prompts)
     settings = EvalSettings(steps, guidance, height, width, scheduler, seed, batch_size, feature, clip,
-                            trajectory_prompts)  # fmt: skip
+                            trajectory_prompts, timing_rounds)  # fmt: skip
     quiet = str(json_out) == "-"
     with err_console.status("evaluating", spinner="dots") as status:
         report = evaluate(
@@ -423,25 +460,55 @@ def profile(
     ctx: typer.Context,
     model: Annotated[
         str,
-        typer.Argument(help="sd15, sd21, sdxl, pixart-sigma, or a diffusers folder / hub id (config only)."),
+        typer.Argument(
+            help="sd15, sd21, sdxl, pixart-sigma, or a diffusers folder / hub id (config only; with "
+            "--end-to-end a pipeline with weights, e.g. demo)."
+        ),
     ] = "sd15",
     res: Annotated[
         list[str],
         typer.Option("--res", help="Resolutions in pixels: N or HxW; several may follow one --res."),
     ] = [],  # noqa: B006 - typer needs a literal default for list options
-    device: Annotated[str, typer.Option(help="Device for --measure (cpu, cuda, cuda:1, ...).")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    device: Annotated[
+        str | None,
+        typer.Option(help="Device to time on (default: cpu; with --end-to-end cuda if present)."),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="float32, float16 or bfloat16 (default float32; end to end on CUDA float16)."),
+    ] = None,
     measure: Annotated[bool, typer.Option("--measure", help="Also time each mixer and whole steps.")] = False,
-    repeats: Annotated[int, typer.Option(help="Timed repeats per measurement (median).")] = 5,
+    end_to_end: Annotated[
+        bool,
+        typer.Option(
+            "--end-to-end",
+            help="Time whole pipeline calls (prompt to image) of the original, ΔConv and LinFusion in "
+            "turns at each resolution; report peak memory and where the converted model pays off.",
+        ),
+    ] = False,
+    adapter: Annotated[
+        Path | None, typer.Option(help="--end-to-end: ΔConv adapter (default: the model's own or random).")
+    ] = None,
+    linfusion_adapter: Annotated[
+        Path | None, typer.Option(help="--end-to-end: LinFusion adapter (default: random weights).")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="--end-to-end: sampler steps per image (default 4).")
+    ] = None,
+    repeats: Annotated[
+        int | None, typer.Option(help="Timed repeats per measurement, median (default 5; end to end 3).")
+    ] = None,
     time_budget: Annotated[
-        float, typer.Option(help="Skip a measurement estimated to take longer (s).")
-    ] = 30.0,
+        float | None,
+        typer.Option(help="Skip a measurement estimated to take longer, s (default 30; end to end 300)."),
+    ] = None,
     json_out: JsonOption = None,
     plot_out: Annotated[
-        Path | None, typer.Option("--plot", help="Write a log-log PNG of cost vs resolution.")
+        Path | None, typer.Option("--plot", help="Write a PNG of cost (or end-to-end time) vs resolution.")
     ] = None,
 ) -> None:
-    """FLOPs, parameters, memory (and with --measure latency) of self-attention vs ΔConvBlock vs LinFusion."""
+    """FLOPs, parameters, memory (and with --measure latency) of self-attention vs ΔConvBlock vs LinFusion;
+    with --end-to-end, seconds per image and peak memory of whole pipelines against image size."""
     from . import profile as profiling
 
     given = [*res, *ctx.args]
@@ -451,27 +518,36 @@ def profile(
         bad = next(r for r in given if not _looks_like_resolution(r))
         raise DeltaConvError(f"unexpected argument {bad!r}; resolutions are N or HxW in pixels")
     resolutions = [profiling.parse_resolution(r) for text in given for r in text.split(",") if r]
-    resolutions = resolutions or [(512, 512), (1024, 1024), (2048, 2048), (4096, 4096)]
+    end_to_end_only = {"--adapter": adapter, "--linfusion-adapter": linfusion_adapter, "--steps": steps}
+    if end_to_end and measure:
+        raise DeltaConvError("--measure times mixers and steps, --end-to-end whole pipelines: give one")
+    if not end_to_end and any(v is not None for v in end_to_end_only.values()):
+        flag = next(name for name, v in end_to_end_only.items() if v is not None)
+        raise DeltaConvError(f"{flag} applies to --end-to-end timing only")
+    timing = {key: value for key, value in (("repeats", repeats), ("time_budget_s", time_budget))
+              if value is not None}  # fmt: skip
     quiet = str(json_out) == "-"
     with err_console.status("profiling", spinner="dots") as status:
-        report = profiling.profile(
-            model,
-            resolutions,
-            device=device,
-            dtype=dtype,
-            measure=measure,
-            repeats=repeats,
-            time_budget_s=time_budget,
-            on_progress=None if quiet else lambda message: status.update(message),
-        )
+        progress = None if quiet else lambda message: status.update(message)
+        if end_to_end:
+            report = profiling.end_to_end(
+                model, resolutions, adapter=adapter, linfusion_adapter=linfusion_adapter, device=device,
+                dtype=dtype, on_progress=progress, **({"steps": steps} if steps is not None else {}), **timing,
+            )  # fmt: skip
+        else:
+            report = profiling.profile(
+                model, resolutions or [(512, 512), (1024, 1024), (2048, 2048), (4096, 4096)],
+                device=device or "cpu", dtype=dtype or "float32", measure=measure, on_progress=progress,
+                **timing,
+            )  # fmt: skip
     write_json(json_out, report.to_dict())
     if plot_out is not None:
-        profiling.plot(report, plot_out)
+        (profiling.plot_end_to_end if end_to_end else profiling.plot)(report, plot_out)
     if quiet:
         return
     from . import reports  # imports torch: only once a command runs
 
-    show(reports.profile_report(report, measure))
+    show(reports.end_to_end_report(report) if end_to_end else reports.profile_report(report, measure))
     if plot_out is not None:
         console.print(f"plot: {plot_out}")
 

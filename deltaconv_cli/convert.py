@@ -1,7 +1,9 @@
-"""``deltaconv convert``: a diffusers folder plus a freshly initialised ΔConv adapter.
+"""``deltaconv convert``: a diffusers folder plus a ΔConv adapter, freshly initialised or imported.
 
 OUT is a copy of the model folder (a normal diffusers folder: plain diffusers still loads the original
-model from it) with the adapter alone in ``OUT/deltaconv``. The copy is written next to OUT and renamed
+model from it) with the adapter alone in ``OUT/deltaconv``. With ``weights`` the adapter is read from
+released weights (the ΔConv authors' or LinFusion's, see :mod:`deltaconv_cli.interop`); denoiser tensors
+a ConvFusion file also carries replace those of the copy. The copy is written next to OUT and renamed
 into place at the end, so OUT is never left half-written.
 """
 
@@ -33,7 +35,7 @@ class ReplacedLayer:
     stage: str
     grid_stride: int  # latent pixels per token along each axis at this layer
     channels: int
-    kernel_size: int
+    kernel_size: int | None  # None for mixers without kernels (LinFusion)
     attention_params: int
     block_params: int
 
@@ -46,8 +48,10 @@ class ConversionReport:
     family: str
     layers: list[ReplacedLayer] = field(default_factory=list)
     params_before: int = 0
-    init: str = "teacher"
+    init: str = "teacher"  # or "imported"
     calibration: dict[str, Any] | None = None  # what the start was fitted on, and its cost
+    mixer: str = "deltaconv"
+    imported: dict[str, Any] | None = None  # with weights: their source, format and what they replaced
 
     @property
     def params_removed(self) -> int:
@@ -122,10 +126,21 @@ def convert(
     calibration_data: str | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    weights: str | Path | None = None,
 ) -> ConversionReport:
     """Write ``out``: the model of ``source`` plus a new ΔConv adapter for all its self-attention,
-    started from each attention's weights (``init="teacher"``, reading only those) or randomly."""
+    started from each attention's weights (``init="teacher"``, reading only those) or randomly; or,
+    with ``weights``, the blocks (and other denoiser tensors) of released weights, in whatever layout
+    (:data:`deltaconv_cli.interop.FORMATS`)."""
     check_init(init)
+    if weights is not None:
+        given = {"kernel sizes": kernel_sizes is not None, "a gate": gate != "scaled",
+                 "an init": init != "teacher", "calibration data": calibration_data is not None}  # fmt: skip
+        clash = next((name for name, set_ in given.items() if set_), None)
+        if clash:
+            raise DeltaConvError(
+                f"imported weights bring their own blocks: {clash} cannot be given with them"
+            )
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise DeltaConvError(f"{out} exists and is not a folder")
@@ -136,6 +151,8 @@ def convert(
         raise DeltaConvError(f"the output folder {out} must not be the model folder or lie inside it")
 
     denoiser = folder.meta_denoiser()
+    if weights is not None:
+        return _import(folder, source, denoiser, weights, out, show_progress)
     calibration_data = calibration_data or (DEMO if str(source) == DEMO and init == "teacher" else None)
     if calibration_data is not None and (init != "teacher" or not folder.is_pipeline):
         raise DeltaConvError("calibration data fits a teacher-initialised start and needs a whole pipeline")
@@ -145,37 +162,95 @@ def convert(
         adapter = DeltaConvAdapter.construct_for(denoiser, kernel_sizes, gate=gate, seed=seed, init=init)
     except ValueError as err:
         raise DeltaConvError(str(err)) from None
-    sites = find_self_attention_sites(denoiser)
+    report = _report(source, out, folder, denoiser, adapter)  # traces grids: all weights still on meta
+    report.init = init
+    if init == "teacher":  # reads only the attention weights, not the whole model
+        load_attention_weights(folder, denoiser, find_self_attention_sites(denoiser))
+        adapter.initialise_from(denoiser, init)
+    if calibration_data is not None:
+        report.calibration = _calibrate(folder, adapter, calibration_data, seed)
+    _write(folder, out, adapter, {}, show_progress)
+    return report
+
+
+def _report(
+    source: str | Path, out: Path, folder: Any, denoiser: Any, adapter: DeltaConvAdapter
+) -> ConversionReport:
+    """The replaced layers of ``denoiser`` (on the meta device) and their parameter counts."""
+    report = ConversionReport(str(source), str(out), folder.denoiser_class, adapter.config.family)
+    report.mixer = adapter.config.mixer
+    report.params_before = numel(denoiser)
     latent = denoiser.config.sample_size
     latent = latent if isinstance(latent, int) else latent[0]
     grids = trace_token_grids(denoiser, latent, latent)
-    report_calibration = None
-    if init == "teacher":  # reads only the attention weights, not the whole model
-        load_attention_weights(folder, denoiser, sites)
-        adapter.initialise_from(denoiser, init)
-    if calibration_data is not None:
-        report_calibration = _calibrate(folder, adapter, calibration_data, seed)
-    report = ConversionReport(str(source), str(out), folder.denoiser_class, adapter.config.family)
-    report.init, report.calibration = init, report_calibration
-    report.params_before = numel(denoiser)
-    for site, block in zip(sites, adapter.blocks, strict=True):
+    sites = {s.name: s for s in find_self_attention_sites(denoiser)}
+    for target, block in zip(adapter.config.targets, adapter.blocks, strict=True):
+        site = sites[target]
         report.layers.append(
             ReplacedLayer(
                 name=site.name,
                 stage=site.stage,
                 grid_stride=latent // grids[site.name][0],
                 channels=site.channels,
-                kernel_size=block.kernel_size,
+                kernel_size=getattr(block, "kernel_size", None),
                 attention_params=numel(denoiser.get_submodule(site.name)),
                 block_params=numel(block),
             )
         )
+    return report
 
+
+def _import(folder: Any, source: str | Path, denoiser: Any, weights: str | Path, out: Path,
+            show_progress: bool) -> ConversionReport:  # fmt: skip
+    """``convert`` with released weights: check them against the model, then write the folder."""
+    from .interop import read_weights
+
+    imported = read_weights(weights, denoiser)
+    report = _report(source, out, folder, denoiser, imported.adapter)
+    report.init = "imported"
+    report.imported = {
+        "source": imported.source,
+        "format": imported.format,
+        "replaced_tensors": sorted(imported.replaced),
+        "kept_attention": imported.kept_attention,
+    }
+    _write(folder, out, imported.adapter, imported.replaced, show_progress)
+    return report
+
+
+def _replace_tensors(component: Path, replaced: dict[str, torch.Tensor]) -> None:
+    """Put ``replaced`` into the safetensors weight files of the denoiser folder ``component`` (each
+    tensor in every file that holds its key, in that file's dtype)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    found = set()
+    for path in sorted(component.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as file:
+            keys, metadata = list(file.keys()), file.metadata()
+            if not replaced.keys() & set(keys):
+                continue
+            tensors = {key: file.get_tensor(key) for key in keys}
+        for key in replaced.keys() & set(keys):
+            tensors[key] = replaced[key].to(tensors[key].dtype)
+            found.add(key)
+        save_file(tensors, str(path), metadata=metadata)
+    missing = sorted(replaced.keys() - found)
+    if missing:
+        raise DeltaConvError(f"the denoiser's weight files hold no tensor {missing[0]} to replace")
+
+
+def _write(folder: Any, out: Path, adapter: DeltaConvAdapter, replaced: dict[str, torch.Tensor],
+           show_progress: bool) -> None:  # fmt: skip
+    """Copy the model into a staging folder next to ``out``, add the adapter (and replaced denoiser
+    tensors), then rename it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     retired = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     try:
         _copy_model_files(folder.path, staging, show_progress)
+        if replaced:
+            _replace_tensors(staging / (folder.denoiser_subfolder or ""), replaced)
         adapter.save_pretrained(staging / ADAPTER_DIR)
         if out.exists():
             out.rename(retired)
@@ -186,4 +261,3 @@ def convert(
             retired.rename(out)
         raise
     shutil.rmtree(retired, ignore_errors=True)
-    return report

@@ -51,7 +51,8 @@ from .block import GATES
 from .conditioning import encode_prompts, latent_posterior, predict
 from .data import DEMO, batch_indices, image_tensor, open_data
 from .errors import DeltaConvError
-from .loading import load_adapter, load_model, locate_model
+from .interop import adapter_for
+from .loading import load_model, locate_model
 from .mixers import INITS, MIXERS
 from .progress import advance, progress_bar
 from .surgery import DeltaConvAdapter, ReplacedSelfAttention
@@ -555,7 +556,7 @@ def _starting_adapter(
     """A given adapter, the converted folder's own, or new blocks built with the run's settings (then
     the second value is True)."""
     if adapter is not None or (folder.is_converted and config.mixer == "deltaconv"):
-        blocks = load_adapter(adapter if adapter is not None else folder.adapter_path)
+        blocks = adapter_for(adapter if adapter is not None else folder.adapter_path, pipe)
         if blocks.config.mixer != config.mixer:
             raise DeltaConvError(
                 f"the adapter holds {blocks.config.mixer} blocks, the run asks for {config.mixer}"

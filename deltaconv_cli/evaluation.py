@@ -19,8 +19,11 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from PIL import Image
 
 from .architectures import denoiser_of
+from .conditioning import use_tiled_vae
 from .errors import DeltaConvError
 from .imaging import psnr, save_grid, ssim
+from .profile import time_systems
+from .runtime import Timer
 from .sampling import (
     SampleSettings,
     StepCallback,
@@ -215,7 +218,7 @@ class EvalSettings:
     feature: str | None = None  # default: domain on the demo, inception otherwise
     clip_model: str | None = None
     trajectory_prompts: int = 8
-    timing_images: int = 2
+    timing_rounds: int = 3  # timed rounds (systems in turns, after a warm-up round; medians)
 
     def check(self) -> None:
         """A clear error for settings no model can use (checked before any model is loaded)."""
@@ -227,6 +230,8 @@ class EvalSettings:
             )
         if self.trajectory_prompts < 0:
             raise DeltaConvError(f"trajectory prompts must be >= 0, got {self.trajectory_prompts}")
+        if self.timing_rounds < 0:
+            raise DeltaConvError(f"timing rounds must be >= 0, got {self.timing_rounds}")
 
 
 @dataclass
@@ -262,6 +267,8 @@ class EvalReport:
     reference_fid_floor: float | None = None  # FID of reference vs itself split in halves
     skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it was not computed
     warnings: list[str] = field(default_factory=list)
+    vae_tiling: bool = False  # tiled VAE decoding (images larger than the VAE's native size)
+    timing: str | None = None  # how seconds_per_image was measured
 
 
 def read_prompts(spec: str) -> tuple[list[str], str | None]:
@@ -288,8 +295,12 @@ def read_prompts(spec: str) -> tuple[list[str], str | None]:
 
 def _fingerprint(settings: dict[str, Any], adapter: str | None) -> dict[str, Any]:
     digest = None
-    if adapter is not None:
-        digest = hashlib.sha256((Path(adapter) / SAFETENSORS_WEIGHTS_NAME).read_bytes()).hexdigest()
+    if adapter is not None:  # an adapter folder, a LinFusion folder or a ConvFusion file
+        from .interop import locate_weights
+
+        weights = locate_weights(adapter)
+        weights = weights if weights.is_file() else weights / SAFETENSORS_WEIGHTS_NAME
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     return {**settings, "adapter": adapter, "adapter_sha256": digest}
 
 
@@ -304,16 +315,6 @@ def _cached(folder: Path, fingerprint: dict[str, Any], count: int) -> bool:
 
 def _load_images(folder: Path, count: int) -> list[np.ndarray]:
     return [np.asarray(Image.open(folder / f"{i:05d}.png").convert("RGB")) for i in range(count)]
-
-
-def _timing(pipe: Any, prompt: str, size: tuple[int, int], settings: SampleSettings, count: int,
-            device: torch.device) -> tuple[float, int]:  # fmt: skip
-    """Median wall-clock seconds per image (after one warm-up) and peak memory of one image."""
-    from .runtime import Timer
-
-    timer = Timer(device, torch.float32, max(count, 1), budget_s=float("inf"))
-    run = partial(pipeline_images, pipe, [prompt], [0], size, settings)
-    return timer.latency_ms(run) / 1e3, timer.peak_bytes(run)
 
 
 def evaluate(
@@ -331,7 +332,7 @@ def evaluate(
     on_progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Generate the prompts with each system (reusing images whose settings match) and compare them."""
-    from .loading import load_adapter
+    from .interop import adapter_for
     from .sampling import load_for_sampling, resolve_size, save_png, set_scheduler
 
     note = on_progress or (lambda message: None)
@@ -343,9 +344,11 @@ def evaluate(
     fid_plan = plan_fid(str(model), reference, settings.feature, len(prompts), include_original)
     out = Path(out)
     loaded = load_for_sampling(model, None, device, dtype)
-    if loaded.adapter is not None and adapter is None:
-        adapter = loaded.adapter_path
-    if loaded.adapter is not None:
+    if loaded.adapter is not None:  # the converted folder's own blocks stand for their mixer
+        if loaded.adapter.config.mixer == "linfusion":
+            linfusion_adapter = linfusion_adapter or loaded.adapter_path
+        else:
+            adapter = adapter or loaded.adapter_path
         loaded.adapter.unmount()
     students = {
         name: str(path) for name, path in (("deltaconv", adapter), ("linfusion", linfusion_adapter)) if path
@@ -357,6 +360,7 @@ def evaluate(
         )
     pipe, dev = loaded.pipe, denoiser_of(loaded.pipe).device
     size = resolve_size(loaded, settings.height, settings.width)
+    tiled = use_tiled_vae(pipe, size)
     scheduler = set_scheduler(pipe, settings.scheduler)
     sample_settings = SampleSettings(
         steps=settings.steps, guidance=settings.guidance, height=size[0], width=size[1]
@@ -375,15 +379,17 @@ def evaluate(
     }
     report = EvalReport(str(model), str(out), len(prompts), fid_plan.reference, fid_plan.feature, *size,
                         str(dev), generation["dtype"], {**asdict(settings), "scheduler": scheduler},
-                        skipped=dict(fid_plan.skipped), warnings=list(fid_plan.warnings))  # fmt: skip
+                        skipped=dict(fid_plan.skipped), warnings=list(fid_plan.warnings),
+                        vae_tiling=tiled)  # fmt: skip
     if not settings.clip_model:
         report.skipped["clip_score"] = "no --clip folder given (a local CLIP model)"
     if not include_original:
         report.skipped["psnr_ssim"] = "the original is not among the systems"
     images: dict[str, list[np.ndarray]] = {}
+    adapters: dict[str, DeltaConvAdapter | None] = {}
     for name in systems:
         path = students.get(name)
-        blocks = load_adapter(path).mount(pipe) if path else None
+        blocks = adapters[name] = adapter_for(path, pipe).mount(pipe) if path else None
         if blocks is not None and blocks.config.mixer != name:
             raise DeltaConvError(f"{path} holds {blocks.config.mixer} blocks, not {name}")
         folder = out / "images" / name
@@ -407,9 +413,6 @@ def evaluate(
                 )
             (folder / "settings.json").write_text(json.dumps(fingerprint, indent=1))
         result = SystemResult(name, path, len(prompts), reused)
-        note(f"timing {name}")
-        result.seconds_per_image, result.peak_memory_bytes = _timing(pipe, prompts[0], size, sample_settings,
-                                                                     settings.timing_images, dev)  # fmt: skip
         if blocks is not None and settings.trajectory_prompts > 0:
             subset = prompts[: settings.trajectory_prompts]
             total = denoising_steps(len(subset), sample_settings, settings.batch_size)
@@ -427,6 +430,17 @@ def evaluate(
             blocks.unmount()
         report.systems.append(result)
 
+    if settings.timing_rounds == 0:
+        report.skipped["timing"] = "timing rounds set to 0"
+    else:
+        report.timing = (f"one image per system, systems in turns: a warm-up round, then the median of "
+                         f"{settings.timing_rounds} rounds")  # fmt: skip
+        note(f"timing {', '.join(systems)} in turns ({settings.timing_rounds} rounds, medians)")
+        timer = Timer(dev, torch.float32, settings.timing_rounds, budget_s=float("inf"))
+        run = partial(pipeline_images, pipe, [prompts[0]], [settings.seed], size, sample_settings)
+        timed = time_systems(run, pipe, adapters, timer)
+        for result in report.systems:
+            result.seconds_per_image, result.peak_memory_bytes = timed[result.name]
     _compare(report, images, prompts, out, fid_plan, dev, settings, note)
     return report
 

@@ -216,8 +216,10 @@ def load_converted(
             f"{source} has no ΔConv adapter ({ADAPTER_DIR}/ missing): run `deltaconv convert` on it "
             "or pass an adapter folder"
         )
-    blocks = load_adapter(adapter_path)
+    from .interop import adapter_for
+
     model = load_model(folder, torch_dtype=torch_dtype)
+    blocks = adapter_for(adapter_path, model)
     if device is not None:
         model = model.to(device)
     blocks.mount(model)

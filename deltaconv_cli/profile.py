@@ -304,6 +304,34 @@ def _real_mixer(name: str, site: Any, kernel_size: int, timer: Timer) -> nn.Modu
     return module.to(timer.dtype).eval()
 
 
+@contextlib.contextmanager
+def mounted(adapter: DeltaConvAdapter | None, model: Any) -> Iterator[None]:
+    """While inside, ``model`` (pipeline or denoiser) computes with ``adapter``'s blocks; with None, as
+    itself."""
+    if adapter is not None:
+        adapter.mount(model)
+    try:
+        yield
+    finally:
+        if adapter is not None:
+            adapter.unmount()
+
+
+def time_systems(
+    run: Callable[[], Any], model: Any, systems: dict[str, DeltaConvAdapter | None], timer: Timer
+) -> dict[str, tuple[float, int]]:
+    """Median seconds of ``run()`` and its peak memory (bytes) with each system's adapter mounted on
+    ``model`` (None: the original), timed in turns (:meth:`Timer.interleaved_latency_ms`): ``eval`` and
+    the end-to-end sweep time systems with this one function."""
+    setups = {name: partial(mounted, adapter, model) for name, adapter in systems.items()}
+    latency_ms = timer.interleaved_latency_ms(run, setups)
+    peaks = {}
+    for name, setup in setups.items():
+        with setup():
+            peaks[name] = timer.peak_bytes(run)
+    return {name: (latency_ms[name] / 1e3, peaks[name]) for name in setups}
+
+
 def _measure_steps(
     arch: Architecture,
     results: list[ResolutionProfile],
@@ -329,16 +357,6 @@ def _measure_steps(
         {name: DeltaConvAdapter.construct_for(denoiser, kernels, mixer=name) for name in MIXER_KINDS}
     )
 
-    @contextlib.contextmanager
-    def mounted(adapter: DeltaConvAdapter | None) -> Iterator[None]:
-        if adapter is not None:
-            adapter.mount(denoiser)
-        try:
-            yield
-        finally:
-            if adapter is not None:
-                adapter.unmount()
-
     for res in results:
         setups = {}
         for mixer, adapter in adapters.items():
@@ -347,7 +365,7 @@ def _measure_steps(
             if reason:
                 res.step_skipped[mixer] = reason
             else:
-                setups[mixer] = partial(mounted, adapter)
+                setups[mixer] = partial(mounted, adapter, denoiser)
         if setups:
             note(f"timing {', '.join(setups)} denoiser steps in turns at {res.height}x{res.width}")
             inputs = denoiser_inputs(denoiser, 1, *res.latent, generator=torch.Generator().manual_seed(0))
@@ -420,6 +438,229 @@ def plot(report: ProfileReport, path: Path) -> None:
         ax.set_title(f"measured on {report.device} ({report.dtype})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+SYSTEMS = ("original", *MIXER_KINDS)  # the systems an end-to-end sweep times
+
+
+@dataclass
+class SystemTiming:
+    macs_per_image: int  # counted: denoiser multiply-adds per step x steps x guidance batch
+    seconds_per_image: float | None = None  # measured median, VAE decoding included
+    peak_bytes: int | None = None  # measured peak of one image above the loaded model
+    skipped: str | None = None  # why it was not measured (with the estimate)
+
+
+@dataclass
+class SizeTiming:
+    height: int
+    width: int
+    vae_tiling: bool
+    systems: dict[str, SystemTiming]
+
+    def speedup(self, system: str) -> float | None:
+        """Original's seconds per image over ``system``'s, where both were measured."""
+        original, other = self.systems["original"].seconds_per_image, self.systems[system].seconds_per_image
+        return None if original is None or other is None else original / other
+
+
+@dataclass
+class EndToEndReport:
+    model: str
+    prompt: str
+    device: str
+    dtype: str
+    steps: int
+    guidance: float
+    repeats: int
+    time_budget_s: float
+    adapters: dict[str, str]  # system -> adapter folder, or how its blocks were made
+    sizes: list[SizeTiming]
+    crossover: dict[str, int | None] = field(default_factory=dict)  # system -> side in pixels
+    memory: str = ""  # what peak_bytes counts
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for size, raw in zip(self.sizes, data["sizes"], strict=True):
+            raw["speedup_over_original"] = {name: size.speedup(name) for name in MIXER_KINDS}
+        return data
+
+
+def crossover_side(sizes: Sequence[SizeTiming], system: str) -> int | None:
+    """Smallest image side from which ``system`` is faster than the original at every larger size where
+    both were measured; None if it is not faster at the largest such size."""
+    both = [s for s in sizes if s.speedup(system) is not None]
+    side = None
+    for size in reversed(both):
+        if size.speedup(system) <= 1.0:
+            break
+        side = int(math.sqrt(size.height * size.width))
+    return side
+
+
+def end_to_end(
+    model: str = "demo",
+    resolutions: Sequence[tuple[int, int]] = (),
+    *,
+    adapter: str | Path | None = None,
+    linfusion_adapter: str | Path | None = None,
+    prompt: str | None = None,
+    steps: int = 4,
+    guidance: float | None = None,
+    repeats: int = 3,
+    time_budget_s: float = 300.0,
+    device: str | None = None,
+    dtype: str | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> EndToEndReport:
+    """Seconds per image and peak memory of whole pipeline calls (prompt to decoded image) for the
+    original, ΔConv and LinFusion at each resolution, the systems timed in turns.
+
+    Without ``adapter`` / ``linfusion_adapter`` (and a converted folder's own adapter) blocks with
+    random weights are timed: the time of a block does not depend on its weights' values. A system whose
+    estimated time (its last measured size scaled by counted multiply-adds, or the multiply-adds at the
+    device's matmul rate) exceeds ``time_budget_s`` is skipped with the estimate, as ``profile`` does.
+    Images larger than the VAE's native size are decoded tiled (:func:`use_tiled_vae`)."""
+    from .conditioning import use_tiled_vae
+    from .interop import adapter_for
+    from .runtime import default_device
+    from .sampling import SampleSettings, default_guidance, load_for_sampling, pipeline_images
+
+    note = on_progress or (lambda message: None)
+    settings = SampleSettings(steps, guidance if guidance is not None else default_guidance(model))
+    settings.check()
+    if repeats < 1:
+        raise DeltaConvError(f"repeats must be at least 1, got {repeats}")
+    if not time_budget_s > 0:
+        raise DeltaConvError(f"time budget must be a positive number of seconds, got {time_budget_s}")
+    if model in BUILTIN_ARCHITECTURES:
+        raise DeltaConvError(
+            f"{model} is a built-in configuration without weights; end-to-end timing needs a pipeline "
+            "(demo, a model folder or a hub id). Whole denoiser steps of it: profile --measure"
+        )
+    dev = checked_device(device or default_device())
+    weights_dtype = dtype or ("float16" if dev.type == "cuda" else "float32")
+    torch_dtype(weights_dtype)
+    arch = resolve_architecture(model)
+    meta = meta_denoiser(arch.denoiser_class, arch.config)
+    if not resolutions:
+        native = meta.config.sample_size
+        side = (native if isinstance(native, int) else native[0]) * arch.vae_factor
+        resolutions = [(side * f, side * f) for f in (1, 2, 4)]
+    for height, width in resolutions:
+        _check_resolution(height, width, arch.vae_factor, latent_stride(meta))
+    counted = profile(model, resolutions, dtype=weights_dtype, find_paper_ratio=False, on_progress=note)
+
+    note("loading the pipeline")
+    loaded = load_for_sampling(model, None, str(dev), weights_dtype)
+    pipe = loaded.pipe
+    given = {"deltaconv": adapter, "linfusion": linfusion_adapter}
+    if loaded.adapter is not None:
+        loaded.adapter.unmount()
+        given[loaded.adapter.config.mixer] = given[loaded.adapter.config.mixer] or loaded.adapter_path
+    systems: dict[str, DeltaConvAdapter | None] = {"original": None}
+    sources = {"original": str(model)}
+    for name in MIXER_KINDS:
+        if given.get(name) is not None:
+            systems[name] = adapter_for(given[name], pipe)
+            if systems[name].config.mixer != name:
+                raise DeltaConvError(f"{given[name]} holds {systems[name].config.mixer} blocks, not {name}")
+            sources[name] = str(given[name])
+        else:
+            systems[name] = DeltaConvAdapter.construct_for(pipe, arch.kernel_sizes, mixer=name, seed=0,
+                                                           init="random")  # fmt: skip
+            sources[name] = "blocks with random weights (timing does not depend on their values)"
+    prompt = prompt or _default_prompt(model)
+    timer = Timer(dev, torch_dtype(weights_dtype), repeats, time_budget_s)
+    guidance_batch = 2 if settings.guidance > 1 else 1  # classifier-free guidance doubles the batch
+    report = EndToEndReport(str(model), prompt, str(dev), weights_dtype, steps, settings.guidance, repeats,
+                            time_budget_s, sources, [],
+                            memory="CUDA allocator peak above the loaded model" if dev.type == "cuda"
+                            else "peak of tensors alive at once, above the loaded model")  # fmt: skip
+    last: dict[str, tuple[int, float]] = {}  # system -> (macs, seconds) at its last measured size
+    for res in counted.resolutions:
+        size = (res.height, res.width)
+        timings = {}
+        for name in systems:
+            mixer = "attention" if name == "original" else name
+            macs = (res.denoiser_macs - res.total("attention") + res.total(mixer)) * steps * guidance_batch
+            timings[name] = SystemTiming(macs)
+            if name in last:
+                estimate = last[name][1] * macs / last[name][0]
+            else:
+                estimate = macs / timer.macs_per_s
+            total = estimate * (repeats + 2)  # warm-up, repeats, the memory run
+            if total > time_budget_s:
+                timings[name].skipped = f"estimated {estimate:.0f} s per image, x{repeats + 2} runs > budget"
+            elif res.denoiser_activation_bytes * guidance_batch > 0.8 * free_bytes(dev):
+                needed = res.denoiser_activation_bytes * guidance_batch
+                timings[name].skipped = f"needs about {needed / 2**30:.1f} GiB of activations"
+        tiled = use_tiled_vae(pipe, size)
+        measured = {name: systems[name] for name, t in timings.items() if t.skipped is None}
+        if measured:
+            note(f"timing {', '.join(measured)} in turns at {res.height}x{res.width}")
+            run = partial(pipeline_images, pipe, [prompt], [0], size, settings)
+            for name, (seconds, peak) in time_systems(run, pipe, measured, timer).items():
+                timings[name].seconds_per_image, timings[name].peak_bytes = seconds, peak
+                last[name] = (timings[name].macs_per_image, seconds)
+        report.sizes.append(SizeTiming(res.height, res.width, tiled, timings))
+    report.crossover = {name: crossover_side(report.sizes, name) for name in MIXER_KINDS}
+    return report
+
+
+def _default_prompt(model: str) -> str:
+    from .analyze import default_prompts
+    from .demo import DEMO
+
+    if str(model) == DEMO:
+        return default_prompts(model)[0]
+    return "a lighthouse on a cliff above a stormy sea, detailed oil painting"
+
+
+def plot_end_to_end(report: EndToEndReport, path: Path) -> None:
+    """PNG: seconds per image and peak memory against image side, one line per system, with the
+    crossover sizes marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"original": "original (self-attention)", **{n: k.label for n, k in MIXER_KINDS.items()}}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, attr, ylabel in (
+        (axes[0], "seconds_per_image", "seconds per image"),
+        (axes[1], "peak_bytes", "peak memory (MiB)"),
+    ):
+        for name in SYSTEMS:
+            points = [
+                (math.sqrt(s.height * s.width), getattr(s.systems[name], attr))
+                for s in report.sizes
+                if getattr(s.systems[name], attr) is not None
+            ]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ys = [y / 2**20 for y in ys] if attr == "peak_bytes" else ys
+                ax.plot(xs, ys, "o-", label=labels[name])
+        ax.set(xscale="log", yscale="log", xlabel="image side (pixels)", ylabel=ylabel)
+        sides = [round(math.sqrt(s.height * s.width)) for s in report.sizes]
+        ax.set_xticks(sides, [str(side) for side in sides], minor=False)
+        ax.set_xticks([], minor=True)
+        ax.grid(True, which="both", alpha=0.3)
+    for name, side in report.crossover.items():
+        if side is not None:
+            axes[0].axvline(side, color="grey", linestyle=":", alpha=0.7)
+            axes[0].annotate(f"{labels[name]} faster from {side} px", (side, axes[0].get_ylim()[1]),
+                             rotation=90, va="top", ha="right", fontsize=8)  # fmt: skip
+    axes[0].set_title(f"{report.model}: {report.steps} steps, guidance {report.guidance:g}, timed in turns")
+    axes[1].set_title(f"on {report.device} ({report.dtype}); {report.memory}", fontsize=9)
+    axes[0].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -5,6 +5,7 @@ and its cells cannot drift apart."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,40 @@ def profile_notes(report: ProfileReport) -> list[str]:
     return notes
 
 
+def end_to_end_report(report: Any) -> Rendered:
+    """``profile --end-to-end``: seconds per image and peak memory per system and size, then the
+    crossover sizes, how the blocks were made and what was skipped."""
+    from .profile import SYSTEMS
+
+    labels = {"original": "original", **{name: kind.label for name, kind in MIXER_KINDS.items()}}
+
+    def seconds(size: Any, name: str) -> str:
+        return _measured(size.systems[name].seconds_per_image, ".3f")
+
+    def size(s: Any) -> str:
+        return f"{s.height}x{s.width}" + (" (tiled VAE)" if s.vae_tiling else "")
+
+    columns: list[Column] = [("size", size)]
+    columns += [(f"s / image {labels[n]}", partial(seconds, name=n)) for n in SYSTEMS]
+    columns += [(f"speed-up {labels[n]}", lambda s, n=n: _number(s.speedup(n), ".2f")) for n in MIXER_KINDS]
+    columns += [(f"peak {labels[n]}", lambda s, n=n: human_bytes(s.systems[n].peak_bytes)) for n in SYSTEMS]
+    title = (f"{report.model}: whole pipeline calls, {report.steps} steps, guidance {report.guidance:g}, "
+             f"{report.device} {report.dtype}, systems in turns, median of {report.repeats}")  # fmt: skip
+    lines: Rendered = [table(title, columns, report.sizes)]
+    for name, side in report.crossover.items():
+        where = f"faster than the original from {side} px on" if side else "not faster than the original"
+        lines.append(f"{labels[name]}: {where} (at the sizes measured)")
+    lines.append(f"peak memory: {report.memory}")
+    lines += [f"{labels[n]} blocks: {source}" for n, source in report.adapters.items() if n != "original"]
+    for size in report.sizes:
+        lines += [
+            f"{size.height}x{size.width}: skipped {labels[name]}: {timing.skipped}"
+            for name, timing in size.systems.items()
+            if timing.skipped
+        ]
+    return lines
+
+
 def convert_report(report: Any) -> Rendered:
     """``convert``: the replaced layers and the parameter counts."""
     title = f"{report.denoiser_class} ({report.family}): {len(report.layers)} self-attention layers"
@@ -128,12 +163,14 @@ def convert_report(report: Any) -> Rendered:
         ("layer", lambda layer: layer.name),
         ("stride", lambda layer: str(layer.grid_stride)),
         ("channels", lambda layer: str(layer.channels)),
-        ("kernel", lambda layer: str(layer.kernel_size)),
+        ("kernel", lambda layer: "-" if layer.kernel_size is None else str(layer.kernel_size)),
         ("attention params", lambda layer: f"{layer.attention_params:,}"),
         ("block params", lambda layer: f"{layer.block_params:,}"),
     ]
     out = Path(report.out)
     start = f"blocks start: {report.init}"
+    if report.imported:
+        start = _imported_lines(report)
     if report.calibration:
         fit = report.calibration
         start += (f", fitted to the teacher on {fit['samples']} images of {fit['data']} at "
@@ -143,9 +180,30 @@ def convert_report(report: Any) -> Rendered:
         table(title, columns, report.layers),
         start,
         f"parameters: {report.params_before:,} before, {report.params_after:,} after "
-        f"(attention {report.params_removed:,} removed, ΔConv blocks {report.params_added:,} added)\n"
+        f"(attention {report.params_removed:,} removed, {MIXER_LABELS[report.mixer]} blocks "
+        f"{report.params_added:,} added)\n"
         f"stride: latent pixels per token. Wrote {out} (adapter in {out / 'deltaconv'}).",
     ]
+
+
+def _imported_lines(report: Any) -> str:
+    """Where imported blocks came from, what else they replaced and what they left alone."""
+    from .architectures import FAMILIES
+
+    imported = report.imported
+    lines = [f"blocks imported from {imported['source']} ({imported['format']} layout)"]
+    replaced = imported["replaced_tensors"]
+    if replaced:
+        shown = ", ".join(replaced[:3]) + (", ..." if len(replaced) > 3 else "")
+        lines.append(
+            f"also replaced {plural(len(replaced), 'other denoiser tensor')}: {shown} (all in the JSON)"
+        )
+    if imported["kept_attention"]:
+        lines.append(f"kept the original self-attention at {plural(len(imported['kept_attention']), 'site')}")
+    base = FAMILIES[report.family].released_base
+    if imported["format"] == "convfusion" and base:
+        lines.append(f"the authors' {report.family} students were distilled from {base}: use it as MODEL")
+    return "\n".join(lines)
 
 
 def distill_report(result: Any) -> Rendered:
@@ -178,9 +236,11 @@ def sample_report(report: Any, compare: bool) -> Rendered:
     """``sample``: how many images of which systems went where."""
     written = len(report.images) * (2 if compare else 1)
     systems = f"{report.system} and original" if compare else report.system
+    tiling = "; tiled VAE decoding (larger than the VAE's native size)" if report.vae_tiling else ""
     return [
         f"{plural(written, 'image')} ({systems}, {report.scheduler}, {report.height}x{report.width}) "
-        f"in {report.out}; grid: {report.grid}"
+        f"in {report.out}; grid: {report.grid}",
+        f"peak memory: {human_bytes(report.peak_memory_bytes)} ({report.peak_memory_kind}){tiling}",
     ]
 
 
@@ -206,6 +266,10 @@ def eval_report(report: Any) -> Rendered:
         f"FID reference: {report.reference or 'none given'}; grid: {report.grid}; "
         f"JSON: {Path(report.out) / 'eval.json'}"
     )
+    if report.timing:
+        lines.append(f"time and memory: {report.timing}")
+    if report.vae_tiling:
+        lines.append("tiled VAE decoding: the images are larger than the VAE's native size")
     lines += [f"skipped {metric}: {why}" for metric, why in report.skipped.items()]
     return lines
 

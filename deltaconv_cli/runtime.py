@@ -4,7 +4,9 @@ units, and the interleaved timer (timing in turns, medians) that ``profile`` and
 from __future__ import annotations
 
 import contextlib
+import resource
 import statistics
+import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -92,6 +94,32 @@ class LiveBytes(TorchDispatchMode):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory of the work done inside the ``with``: on CUDA the allocator's peak above what was
+    allocated on entry; on the CPU the process's peak resident size as the OS reports it (weights,
+    libraries and everything since the process started: an upper bound)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.bytes = 0
+        self.what = "CUDA allocator, above the loaded model" if device.type == "cuda" else "process peak RSS"
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            unit = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+            self.bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
 
 
 def free_bytes(device: torch.device) -> int:

@@ -34,11 +34,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
 from .architectures import denoiser_of, family_for, latent_stride
+from .conditioning import use_tiled_vae
 from .errors import DeltaConvError
 from .imaging import save_grid, to_uint8
-from .loading import load_adapter, load_model, locate_model
+from .interop import adapter_for
+from .loading import load_model, locate_model
 from .progress import advance, progress_bar
-from .runtime import checked_device, default_device, torch_dtype
+from .runtime import PeakMemory, checked_device, default_device, torch_dtype
 from .surgery import DeltaConvAdapter
 
 StepCallback = Callable[[], None] | None  # called after every denoising step (progress)
@@ -119,7 +121,7 @@ def load_for_sampling(
     pipe = load_model(folder, torch_dtype=weights_dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     path = Path(adapter) if adapter is not None else folder.adapter_path if folder.is_converted else None
-    blocks = load_adapter(path).mount(pipe) if path is not None else None
+    blocks = adapter_for(path, pipe).mount(pipe) if path is not None else None
     return LoadedModel(pipe, blocks, str(model), str(path) if path else None, folder.vae_factor)
 
 
@@ -214,6 +216,9 @@ class SampleReport:
     settings: dict[str, Any]
     images: list[dict[str, Any]] = field(default_factory=list)
     grid: str | None = None
+    vae_tiling: bool = False  # tiled VAE decoding (the image is larger than the VAE's native size)
+    peak_memory_bytes: int | None = None
+    peak_memory_kind: str | None = None  # what peak_memory_bytes counts (see runtime.PeakMemory)
 
 
 def sample(
@@ -248,6 +253,7 @@ def sample(
             "--compare needs a ΔConv adapter: this model has none, so it already is the original"
         )
     size = resolve_size(loaded, settings.height, settings.width)
+    tiled = use_tiled_vae(loaded.pipe, size)
     scheduler = set_scheduler(loaded.pipe, settings.scheduler)
     out = Path(out)
     jobs = [(i, prompt, seed) for i, prompt in enumerate(prompts) for seed in seeds]
@@ -258,6 +264,7 @@ def sample(
     with (
         state.split_between_processes(jobs) as mine,
         progress_bar(not show_progress or not state.is_main_process) as bar,
+        PeakMemory(denoiser_of(loaded.pipe).device) as peak,
     ):
         batches = math.ceil(len(mine) / batch_size)
         task = bar.add_task("sampling", total=batches * len(systems) * settings.steps, status="")
@@ -280,7 +287,8 @@ def sample(
     if not state.is_main_process:
         return None
     report = SampleReport(str(out), loaded.model, loaded.adapter_path, loaded.system, scheduler, *size,
-                          asdict(settings))  # fmt: skip
+                          asdict(settings), vae_tiling=tiled, peak_memory_bytes=peak.bytes,
+                          peak_memory_kind=peak.what)  # fmt: skip
     report.images = [
         {"prompt_index": i, "prompt": p, "seed": s, "file": image_name(i, s)} for i, p, s in jobs
     ]

@@ -90,14 +90,14 @@ def position_reliance(
     position words does worse with the moved caption; one that ignores them scores the two the same."""
     from diffusers import DDPMScheduler
 
-    from ..conditioning import encode_prompts, predict
+    from ..conditioning import encode_prompts, latent_posterior, predict
     from .teacher import to_tensor
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas, prediction = scheduler.alphas_cumprod, scheduler.config.prediction_type
     scenes = [domain.make_scene(seed, i, "single") for i in range(count)]
     images = to_tensor(np.stack([domain.render(s) for s in scenes]))
-    x0 = pipe.vae.encode(images).latent_dist.mode() * pipe.vae.config.scaling_factor
+    x0 = latent_posterior(pipe, images).mode() * pipe.vae.config.scaling_factor
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     own = [s.caption for s in scenes]
     moved = [with_cell_moved(c, 1 + i % 8) for i, c in enumerate(own)]
