@@ -3,6 +3,7 @@
 python benchmarks/tables.py profile docs/profile-sd15.json
 python benchmarks/tables.py eval runs/eval/eval.json
 python benchmarks/tables.py teacher docs/demo-teacher-quality.json
+python benchmarks/tables.py end-to-end docs/end-to-end-demo.json
 """
 
 from __future__ import annotations
@@ -135,7 +136,40 @@ def teacher_table(results: list[dict]) -> str:
     return table + "\n\n" + _table(header, rows)
 
 
-TABLES = {"profile": profile_table, "eval": eval_table, "teacher": teacher_table}
+def end_to_end_table(report: dict) -> str:
+    systems = ("original", "deltaconv", "linfusion")
+    labels = {"original": "original", "deltaconv": "ΔConv", "linfusion": "LinFusion"}
+    header = ["size", *(f"s / image: {labels[n]}" for n in systems)]
+    header += [f"speed-up: {labels[n]}" for n in systems[1:]]
+    header += [f"peak: {labels[n]}" for n in systems]
+    rows, skipped = [], []
+    for size in report["sizes"]:
+        timings = size["systems"]
+        cells = [f"{size['height']}x{size['width']}" + (" (tiled VAE)" if size["vae_tiling"] else "")]
+        cells += [_fmt(timings[n]["seconds_per_image"], ".3f") for n in systems]
+        speedups = [size["speedup_over_original"][n] for n in systems[1:]]
+        cells += ["-" if x is None else f"{x:.2f}x" for x in speedups]
+        cells += [human_bytes(timings[n]["peak_bytes"]) for n in systems]
+        skipped += [f"{size['height']} px {labels[n]} ({timings[n]['skipped']})" for n in systems
+                    if timings[n]["skipped"]]  # fmt: skip
+        rows.append(cells)
+    lines = [
+        f"{report['model']}: whole pipeline calls, {report['steps']} steps, guidance {report['guidance']:g}, "
+        f"{report['device']} {report['dtype']}, systems in turns, median of {report['repeats']}",
+        "",
+        _table(header, rows),
+    ]
+    if skipped:
+        lines += ["", "Not measured (shown as -): " + "; ".join(skipped) + "."]
+    return "\n".join(lines)
+
+
+TABLES = {
+    "profile": profile_table,
+    "eval": eval_table,
+    "teacher": teacher_table,
+    "end-to-end": end_to_end_table,
+}
 
 
 def main() -> None:

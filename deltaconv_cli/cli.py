@@ -530,9 +530,11 @@ def profile(
     with err_console.status("profiling", spinner="dots") as status:
         progress = None if quiet else lambda message: status.update(message)
         if end_to_end:
+            if steps is not None:
+                timing["steps"] = steps
             report = profiling.end_to_end(
                 model, resolutions, adapter=adapter, linfusion_adapter=linfusion_adapter, device=device,
-                dtype=dtype, on_progress=progress, **({"steps": steps} if steps is not None else {}), **timing,
+                dtype=dtype, on_progress=progress, **timing,
             )  # fmt: skip
         else:
             report = profiling.profile(

@@ -115,6 +115,8 @@ def locate_weights(source: str | Path) -> Path:
             raise DeltaConvError(f"weights {source} not found")
     if path.is_dir() and not (path / "config.json").is_file():
         files = sorted(path.glob("*.safetensors"))
+        if [f.name for f in files] == [SAFETENSORS_WEIGHTS_NAME]:
+            raise DeltaConvError(f"{path} holds {SAFETENSORS_WEIGHTS_NAME} but no config.json (incomplete)")
         if len(files) == 1:
             return files[0]
     return path

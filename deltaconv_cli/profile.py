@@ -492,6 +492,16 @@ class EndToEndReport:
             raw["speedup_over_original"] = {name: size.speedup(name) for name in MIXER_KINDS}
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EndToEndReport:
+        """The report :meth:`to_dict` wrote (to re-plot or re-tabulate a saved sweep)."""
+        sizes = [
+            SizeTiming(raw["height"], raw["width"], raw["vae_tiling"],
+                       {name: SystemTiming(**timing) for name, timing in raw["systems"].items()})
+            for raw in data["sizes"]
+        ]  # fmt: skip
+        return cls(**{**data, "sizes": sizes})
+
 
 def crossover_side(sizes: Sequence[SizeTiming], system: str) -> int | None:
     """Smallest image side from which ``system`` is faster than the original at every larger size where
@@ -633,6 +643,7 @@ def plot_end_to_end(report: EndToEndReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = {"original": "original (self-attention)", **{n: k.label for n, k in MIXER_KINDS.items()}}
+    styles = dict(zip(SYSTEMS, (("o", "-"), ("s", "--"), ("^", ":")), strict=False))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, attr, ylabel in (
         (axes[0], "seconds_per_image", "seconds per image"),
@@ -647,20 +658,24 @@ def plot_end_to_end(report: EndToEndReport, path: Path) -> None:
             if points:
                 xs, ys = zip(*points, strict=True)
                 ys = [y / 2**20 for y in ys] if attr == "peak_bytes" else ys
-                ax.plot(xs, ys, "o-", label=labels[name])
+                marker, line = styles.get(name, ("o", "-"))
+                ax.plot(xs, ys, marker=marker, linestyle=line, label=labels[name])
         ax.set(xscale="log", yscale="log", xlabel="image side (pixels)", ylabel=ylabel)
         sides = [round(math.sqrt(s.height * s.width)) for s in report.sizes]
         ax.set_xticks(sides, [str(side) for side in sides], minor=False)
         ax.set_xticks([], minor=True)
         ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    by_side: dict[int, list[str]] = {}
     for name, side in report.crossover.items():
         if side is not None:
-            axes[0].axvline(side, color="grey", linestyle=":", alpha=0.7)
-            axes[0].annotate(f"{labels[name]} faster from {side} px", (side, axes[0].get_ylim()[1]),
-                             rotation=90, va="top", ha="right", fontsize=8)  # fmt: skip
+            by_side.setdefault(side, []).append(MIXER_KINDS[name].label)
+    for side, names in by_side.items():
+        axes[0].axvline(side, color="grey", linestyle=":", alpha=0.7)
+        axes[0].annotate(f"{' and '.join(names)} faster from {side} px", (side, axes[0].get_ylim()[1]),
+                         rotation=90, va="top", ha="left", fontsize=8)  # fmt: skip
     axes[0].set_title(f"{report.model}: {report.steps} steps, guidance {report.guidance:g}, timed in turns")
     axes[1].set_title(f"on {report.device} ({report.dtype}); {report.memory}", fontsize=9)
-    axes[0].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
