@@ -29,6 +29,8 @@ def use_tiled_vae(pipe: Any, size: tuple[int, int]) -> bool:
     if vae is None or not hasattr(vae, "enable_tiling"):
         return False
     native = vae.config.get("sample_size")
+    if native is None:  # no native size to compare with: leave the VAE as it is
+        return bool(getattr(vae, "use_tiling", False))
     native = native if isinstance(native, int) else min(native)
     tiled = max(size) > native
     vae.enable_tiling() if tiled else vae.disable_tiling()

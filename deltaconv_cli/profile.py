@@ -558,6 +558,8 @@ def end_to_end(
     dev = checked_device(device or default_device())
     weights_dtype = dtype or ("float16" if dev.type == "cuda" else "float32")
     torch_dtype(weights_dtype)
+    if not locate_model(model, config_only=True).is_pipeline:
+        raise DeltaConvError(f"{model} is a bare denoiser; end-to-end timing needs a whole pipeline")
     arch = resolve_architecture(model)
     meta = meta_denoiser(arch.denoiser_class, arch.config)
     if not resolutions:

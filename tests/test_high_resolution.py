@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import tiny_denoiser
 from typer.testing import CliRunner
 
 from deltaconv_cli.cli import app
@@ -174,3 +175,9 @@ def test_end_to_end_bad_options_are_one_line(args, message, monkeypatch):
     result = runner.invoke(app, ["profile", *args])
     assert result.exit_code == 1 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_end_to_end_needs_a_whole_pipeline(tmp_path):
+    tiny_denoiser("sd1").save_pretrained(tmp_path / "unet")
+    result = runner.invoke(app, ["profile", str(tmp_path / "unet"), "--end-to-end", "--res", "32"])
+    assert result.exit_code == 1 and "end-to-end timing needs a whole pipeline" in result.stderr
