@@ -24,3 +24,15 @@ def saved_pipelines(tmp_path_factory):
         pipe.save_pretrained(root / layout)
         folders[layout] = root / layout
     return folders
+
+
+@pytest.fixture(scope="module")
+def converted(saved_pipelines, tmp_path_factory):
+    """The tiny SD1 pipeline converted with ``deltaconv convert`` (fresh blocks, teacher start)."""
+    from typer.testing import CliRunner
+
+    from deltaconv_cli.cli import app
+
+    out = tmp_path_factory.mktemp("converted") / "sd1"
+    assert CliRunner().invoke(app, ["convert", str(saved_pipelines["sd1"]), "-o", str(out)]).exit_code == 0
+    return out

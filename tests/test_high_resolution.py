@@ -24,13 +24,6 @@ from deltaconv_cli.runtime import Timer
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def converted(saved_pipelines, tmp_path_factory):
-    out = tmp_path_factory.mktemp("converted") / "sd1"
-    assert runner.invoke(app, ["convert", str(saved_pipelines["sd1"]), "-o", str(out)]).exit_code == 0
-    return out
-
-
 def invoke(*args):
     result = runner.invoke(app, [*map(str, args)])
     assert result.exit_code == 0, result.output
