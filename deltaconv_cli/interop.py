@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .architectures import denoiser_of, family_for
 from .errors import DeltaConvError
-from .loading import ADAPTER_DIR, PICKLE_SUFFIXES, load_adapter
+from .loading import ADAPTER_DIR, PICKLE_SUFFIXES, load_adapter, looks_like_path
 from .surgery import DeltaConvAdapter, find_self_attention_sites
 
 FORMATS = ("deltaconv", "convfusion", "linfusion")
@@ -107,7 +107,9 @@ def locate_weights(source: str | Path) -> Path:
     student), fetched into the hub cache like a model. A folder holding exactly one safetensors file and
     no config.json stands for that file."""
     text = str(source)
-    if text.startswith(HUB_PREFIX) or (not Path(text).expanduser().exists() and not _looks_like_path(text)):
+    # A hub id is owner/name here: a bare name is a local file (weights are not pipelines).
+    hub_id = not looks_like_path(text) and "/" in text
+    if text.startswith(HUB_PREFIX) or (not Path(text).expanduser().exists() and hub_id):
         path = _download_weights(text.removeprefix(HUB_PREFIX))
     else:
         path = Path(text).expanduser()
@@ -120,10 +122,6 @@ def locate_weights(source: str | Path) -> Path:
         if len(files) == 1:
             return files[0]
     return path
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.count("/") != 1 or "\\" in source
 
 
 def _download_weights(spec: str) -> Path:

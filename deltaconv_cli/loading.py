@@ -64,7 +64,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else is meant as a local path.
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
@@ -98,7 +98,7 @@ def locate_model(source: str | Path, *, config_only: bool = False) -> ModelFolde
     into the hub cache (with ``config_only`` only its JSON files are fetched)."""
     path = demo_path() if str(source) == DEMO else Path(source).expanduser()
     if not path.exists():
-        if _looks_like_path(str(source)):
+        if looks_like_path(str(source)):
             raise DeltaConvError(f"no such folder: {source}")
         path = _download(str(source), config_only)
     if not path.is_dir():

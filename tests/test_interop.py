@@ -208,6 +208,10 @@ def test_pickles_and_other_files_are_refused(saved_pipelines, tmp_path):
         ]
         result = runner.invoke(app, args)
         assert result.exit_code == 1 and message in result.stderr, result.output
+    hub = ["convert", str(saved_pipelines["sd1"]), "--weights", "someone/no-such-linfusion"]
+    offline = runner.invoke(app, [*hub, "-o", str(tmp_path / "o")])
+    assert offline.exit_code == 1 and "cannot fetch 'someone/no-such-linfusion'" in offline.stderr
+    assert len(offline.stderr.strip().splitlines()) == 1
     clash = runner.invoke(app, ["convert", str(saved_pipelines["sd1"]), "--weights", str(tmp_path / "x"),
                                 "-k", "5", "-o", str(tmp_path / "o")])  # fmt: skip
     assert clash.exit_code == 1 and "kernel sizes cannot be given with them" in clash.stderr
