@@ -138,8 +138,7 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")] = False,
     json_out: JsonOption = None,
 ) -> None:
-    """Replace every self-attention of MODEL with a ΔConvBlock (new, or imported with --weights) and write
-    the result to OUT."""
+    """Replace every self-attention of MODEL with a ΔConvBlock (new, or imported: --weights); write OUT."""
     from .convert import convert as run_convert
 
     sizes = _parse_kernel_sizes(kernel_size, kernel_sizes)
@@ -507,8 +506,7 @@ def profile(
         Path | None, typer.Option("--plot", help="Write a PNG of cost (or end-to-end time) vs resolution.")
     ] = None,
 ) -> None:
-    """FLOPs, parameters, memory (and with --measure latency) of self-attention vs ΔConvBlock vs LinFusion;
-    with --end-to-end, seconds per image and peak memory of whole pipelines against image size."""
+    """Cost of self-attention vs ΔConvBlock vs LinFusion; --end-to-end: whole pipelines vs image size."""
     from . import profile as profiling
 
     given = [*res, *ctx.args]
