@@ -21,6 +21,8 @@ and text encoders (the tokenizer and caption format of the shipped teacher):
 - ``clip2-aux``: the same encoder first trained for ``--aux-steps`` steps to predict the object's
   colour, shape and cell from the state of the caption's last word (which a causal encoder lets see the
   whole phrase), then jointly.
+- ``clip2-aux-frozen``: as ``clip2-aux``, but the encoder stays frozen after the auxiliary task (does
+  joint training wash the cell out of the token states, or is it there and unused?).
 - ``clip4``: a 4-layer CLIP text encoder, trained jointly.
 
 A text path that reads position words lands near ``oracle``; one that does not lands at ``colour-shape``.
@@ -47,7 +49,7 @@ from deltaconv_cli.demo.quality import HELD_OUT_SEED
 from deltaconv_cli.demo.teacher import TEXT_LENGTH, TeacherRecipe, build_components, to_tensor
 from deltaconv_cli.loading import load_model, locate_model
 
-VARIANTS = ("oracle", "colour-shape", "clip2", "clip2-aux", "clip4")
+VARIANTS = ("oracle", "colour-shape", "clip2", "clip2-aux", "clip2-aux-frozen", "clip4")
 DEFAULT_VARIANTS = ("oracle", "colour-shape", "clip2", "clip2-aux")
 T = 999
 
@@ -120,7 +122,7 @@ def run_variant(name: str, args: argparse.Namespace, data: dict, tokenizer, widt
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     aux_accuracy = None
-    if name == "clip2-aux":
+    if name.startswith("clip2-aux"):
         optimizer = torch.optim.AdamW(path.parameters(), lr=1e-3)
         for _ in range(args.aux_steps):
             index = torch.randint(len(train_in), (64,), generator=generator)
@@ -133,7 +135,9 @@ def run_variant(name: str, args: argparse.Namespace, data: dict, tokenizer, widt
             hits = [(head(states).argmax(-1) == data["test_facts"][:, i]).float().mean() for i, head in
                     enumerate(path.heads)]  # fmt: skip
         aux_accuracy = {k: float(h) for k, h in zip(("colour", "shape", "cell"), hits, strict=True)}
-    params = [*unet.parameters(), *path.parameters()]
+    if name == "clip2-aux-frozen":
+        path.requires_grad_(False)
+    params = [*unet.parameters(), *(p for p in path.parameters() if p.requires_grad)]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     test_noise = torch.randn(data["test_x0"].shape, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
     before = x0_error(unet, path(test_in), data["test_x0"], test_noise, scheduler)
