@@ -172,9 +172,9 @@ def export(
     report = export_adapter(adapter, fmt, out, overwrite=overwrite)
     write_json(json_out, asdict(report))
     if str(json_out) != "-":
-        console.print(f"wrote {report.blocks} blocks ({report.tensors} tensors) in the {fmt} layout to {out}")
-        for note in report.notes:
-            console.print(note)
+        from . import reports  # imports torch: only once a command runs
+
+        show(reports.export_report(report))
 
 
 def _parse_settings(values: list[str]) -> dict[str, Any]:

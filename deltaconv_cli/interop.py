@@ -48,6 +48,7 @@ _LINFUSION_NAMES = {
     "to_out.0.bias": "to_out.bias",
     **{f"to_{x}_.{i}.{p}": f"mlp_{x}.{i}.{p}" for x in "qk" for i in (0, 1, 3) for p in ("weight", "bias")},
 }
+_LINFUSION_THEIRS = {ours: theirs for theirs, ours in _LINFUSION_NAMES.items()}
 
 
 @dataclass
@@ -322,13 +323,13 @@ def _read_linfusion(path: Path, denoiser: Any) -> ImportedWeights:
         if ours is None or int(match["index"]) >= len(modules):
             raise DeltaConvError(f"{weights.name}: {key} is not a tensor of a LinFusion module")
         state[f"blocks.{match['index']}.{ours}"] = tensor
-    missing = sorted(set(adapter.state_dict()) - set(state))
+    expected = adapter.state_dict()
+    missing = sorted(set(expected) - set(state))
     if missing:
         index, name = missing[0].split(".", 2)[1:]
-        theirs = next(k for k, v in _LINFUSION_NAMES.items() if v == name)
-        raise DeltaConvError(f"{weights.name}: {index}.{theirs} is missing")
+        raise DeltaConvError(f"{weights.name}: {index}.{_LINFUSION_THEIRS[name]} is missing")
     for key, tensor in state.items():
-        if tensor.shape != adapter.state_dict()[key].shape:
+        if tensor.shape != expected[key].shape:
             raise DeltaConvError(f"{weights.name}: a tensor for {key} has shape {list(tensor.shape)}")
     adapter.load_state_dict(state)
     kept = [name for name in sites if name not in adapter.config.targets]
@@ -442,10 +443,9 @@ def _linfusion_layout(adapter: DeltaConvAdapter) -> tuple[dict[str, torch.Tensor
             "these LinFusion blocks have q/k/v biases, which LinFusion's layout has no place for"
         )
     tensors = {}
-    theirs = {ours: name for name, ours in _LINFUSION_NAMES.items()}
     for i, block in enumerate(adapter.blocks):
         for name, tensor in block.state_dict().items():
-            tensors[f"{i}.{theirs[name]}"] = tensor.detach().float().contiguous()
+            tensors[f"{i}.{_LINFUSION_THEIRS[name]}"] = tensor.detach().float().contiguous()
     modules = [
         {"module_name": target, "dim_n": channels, "heads": heads, "projection_mid_dim": None}
         for target, channels, heads in zip(config.targets, config.channels, config.heads, strict=True)

@@ -557,7 +557,7 @@ def end_to_end(
         )
     dev = checked_device(device or default_device())
     weights_dtype = dtype or ("float16" if dev.type == "cuda" else "float32")
-    torch_dtype(weights_dtype)
+    timer_dtype = torch_dtype(weights_dtype)
     if not locate_model(model, config_only=True).is_pipeline:
         raise DeltaConvError(f"{model} is a bare denoiser; end-to-end timing needs a whole pipeline")
     arch = resolve_architecture(model)
@@ -590,12 +590,10 @@ def end_to_end(
                                                            init="random")  # fmt: skip
             sources[name] = "blocks with random weights (timing does not depend on their values)"
     prompt = prompt or _default_prompt(model)
-    timer = Timer(dev, torch_dtype(weights_dtype), repeats, time_budget_s)
+    timer = Timer(dev, timer_dtype, repeats, time_budget_s)
     guidance_batch = 2 if settings.guidance > 1 else 1  # classifier-free guidance doubles the batch
     report = EndToEndReport(str(model), prompt, str(dev), weights_dtype, steps, settings.guidance, repeats,
-                            time_budget_s, sources, [],
-                            memory="CUDA allocator peak above the loaded model" if dev.type == "cuda"
-                            else "peak of tensors alive at once, above the loaded model")  # fmt: skip
+                            time_budget_s, sources, [], memory=timer.peak_kind)  # fmt: skip
     last: dict[str, tuple[int, float]] = {}  # system -> (macs, seconds) at its last measured size
     for res in counted.resolutions:
         size = (res.height, res.width)

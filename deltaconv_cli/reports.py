@@ -5,7 +5,6 @@ and its cells cannot drift apart."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +128,12 @@ def end_to_end_report(report: Any) -> Rendered:
 
     labels = {"original": "original", **{name: kind.label for name, kind in MIXER_KINDS.items()}}
 
-    def seconds(size: Any, name: str) -> str:
-        return _measured(size.systems[name].seconds_per_image, ".3f")
-
-    def size(s: Any) -> str:
+    def size_cell(s: Any) -> str:
         return f"{s.height}x{s.width}" + (" (tiled VAE)" if s.vae_tiling else "")
 
-    columns: list[Column] = [("size", size)]
-    columns += [(f"s / image {labels[n]}", partial(seconds, name=n)) for n in SYSTEMS]
+    columns: list[Column] = [("size", size_cell)]
+    columns += [(f"s / image {labels[n]}", lambda s, n=n: _measured(s.systems[n].seconds_per_image, ".3f"))
+                for n in SYSTEMS]  # fmt: skip
     columns += [(f"speed-up {labels[n]}", lambda s, n=n: _number(s.speedup(n), ".2f")) for n in MIXER_KINDS]
     columns += [(f"peak {labels[n]}", lambda s, n=n: human_bytes(s.systems[n].peak_bytes)) for n in SYSTEMS]
     title = (f"{report.model}: whole pipeline calls, {report.steps} steps, guidance {report.guidance:g}, "
@@ -154,6 +151,12 @@ def end_to_end_report(report: Any) -> Rendered:
             if timing.skipped
         ]
     return lines
+
+
+def export_report(report: Any) -> Rendered:
+    """``export``: what was written where, and what a user of the other project needs to know."""
+    return [f"wrote {plural(report.blocks, 'block')} ({plural(report.tensors, 'tensor')}) in the "
+            f"{report.format} layout to {report.out}", *report.notes]  # fmt: skip
 
 
 def convert_report(report: Any) -> Rendered:

@@ -176,6 +176,13 @@ class Timer:
                             times[name].append(time.perf_counter() - start)
         return {name: statistics.median(values[1:]) * 1e3 for name, values in times.items()}
 
+    @property
+    def peak_kind(self) -> str:
+        """What :meth:`peak_bytes` counts on this device."""
+        if self.device.type == "cuda":
+            return "CUDA allocator peak above the loaded model"
+        return "peak of tensors alive at once, above the loaded model"
+
     def peak_bytes(self, run: Callable[[], Any]) -> int:
         """Peak memory of one call beyond what was allocated before it (CUDA allocator; on the CPU,
         tracked from tensor allocations)."""
