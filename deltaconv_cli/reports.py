@@ -205,7 +205,7 @@ def _imported_lines(report: Any) -> str:
         lines.append(f"kept the original self-attention at {plural(len(imported['kept_attention']), 'site')}")
     base = FAMILIES[report.family].released_base
     if imported["format"] == "convfusion" and base:
-        lines.append(f"the authors' {report.family} students were distilled from {base}: use it as MODEL")
+        lines.append(f"the authors' released {report.family} students were distilled from {base}: their files belong on it")
     return "\n".join(lines)
 
 
