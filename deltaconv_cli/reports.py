@@ -205,7 +205,8 @@ def _imported_lines(report: Any) -> str:
         lines.append(f"kept the original self-attention at {plural(len(imported['kept_attention']), 'site')}")
     base = FAMILIES[report.family].released_base
     if imported["format"] == "convfusion" and base:
-        lines.append(f"the authors' released {report.family} students were distilled from {base}: their files belong on it")
+        lines.append(f"the authors' released {report.family} students were distilled from {base}: "
+                     "their files belong on it")  # fmt: skip
     return "\n".join(lines)
 
 
