@@ -17,13 +17,12 @@ layout. The two ends of the scale:
 
 and text encoders (the tokenizer and caption format of the shipped teacher):
 
-- ``clip2``: the 2-layer causal CLIP text encoder of teacher v1, trained jointly from scratch.
-- ``clip2-aux``: the same encoder first trained for ``--aux-steps`` steps by the teacher's text-encoder
-  stage (``train_text_encoder``: read each object phrase's colour, shape and cell from the state of its
-  last word, which a causal encoder lets see the whole phrase), then jointly.
+- ``clip2``: the shipped teacher's 2-layer causal CLIP text encoder, trained jointly from scratch.
+- ``clip2-aux``: the same encoder first trained for ``--aux-steps`` steps to predict the object's
+  colour, shape and cell from the state of the caption's last word (which a causal encoder lets see the
+  whole phrase), then jointly.
 - ``clip2-aux-frozen``: as ``clip2-aux``, but the encoder stays frozen after the auxiliary task (does
-  joint training wash the cell out of the token states, or is it there and unused?). This is teacher
-  v2's text path.
+  joint training wash the cell out of the token states, or is it there and unused?).
 - ``clip4``: a 4-layer CLIP text encoder, trained jointly.
 
 A text path that reads position words lands near ``oracle``; one that does not lands at ``colour-shape``.
@@ -47,16 +46,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from deltaconv_cli.conditioning import latent_posterior
 from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.quality import HELD_OUT_SEED
-from deltaconv_cli.demo.teacher import (
-    TEXT_LENGTH,
-    TeacherRecipe,
-    build_components,
-    to_tensor,
-    token_ids,
-    train_text_encoder,
-)
+from deltaconv_cli.demo.teacher import TEXT_LENGTH, TeacherRecipe, build_components, to_tensor
 from deltaconv_cli.loading import load_model, locate_model
-from deltaconv_cli.progress import progress_bar
 
 VARIANTS = ("oracle", "colour-shape", "clip2", "clip2-aux", "clip2-aux-frozen", "clip4")
 DEFAULT_VARIANTS = ("oracle", "colour-shape", "clip2", "clip2-aux")
@@ -80,13 +71,26 @@ class FactContext(nn.Module):
         return torch.stack(parts, dim=1)
 
 
-def text_encoder(width: int, layers: int, vocab: int) -> CLIPTextModel:
-    """A CLIP text encoder over the teacher's tokenizer; its last hidden states are the context."""
-    config = CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
-                            num_hidden_layers=layers, num_attention_heads=2,
-                            max_position_embeddings=TEXT_LENGTH, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1)  # fmt: skip
-    return CLIPTextModel(config)
+class TextContext(nn.Module):
+    """A CLIP text encoder over the teacher's tokenizer, with heads for the auxiliary task."""
+
+    def __init__(self, width: int, layers: int, vocab: int) -> None:
+        super().__init__()
+        config = CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
+                                num_hidden_layers=layers, num_attention_heads=2,
+                                max_position_embeddings=TEXT_LENGTH, bos_token_id=0, eos_token_id=1,
+                                pad_token_id=1)  # fmt: skip
+        self.encoder = CLIPTextModel(config)
+        self.heads = nn.ModuleList(
+            nn.Linear(width, n) for n in (len(domain.COLORS), len(domain.SHAPES), domain.GRID * domain.GRID)
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(ids)[0]
+
+    def aux_loss(self, ids: torch.Tensor, last_word: torch.Tensor, facts: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(ids)[0][torch.arange(len(ids)), last_word]
+        return sum(F.cross_entropy(head(states), facts[:, i]) for i, head in enumerate(self.heads))
 
 
 def single_scenes(seed: int, count: int) -> tuple[np.ndarray, list[str], torch.Tensor]:
@@ -110,31 +114,33 @@ def run_variant(name: str, args: argparse.Namespace, data: dict, tokenizer, widt
     unet = build_components(recipe, args.scratch)["unet"]
     if name in ("oracle", "colour-shape"):
         path = FactContext(width, with_cell=name == "oracle")
-        context = path
         train_in, test_in = data["train_facts"], data["test_facts"]
     else:
-        path = text_encoder(width, 4 if name == "clip4" else 2, len(tokenizer))
-
-        def context(ids: torch.Tensor) -> torch.Tensor:
-            return path(ids)[0]
-
+        path = TextContext(width, 4 if name == "clip4" else 2, len(tokenizer))
         train_in, test_in = data["train_ids"], data["test_ids"]
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     aux_accuracy = None
-    if name.startswith("clip2-aux"):  # the teacher's own text-encoder stage, for --aux-steps steps
-        aux_recipe = TeacherRecipe(seed=args.seed, text_steps=args.aux_steps)
-        with progress_bar() as progress:
-            aux_accuracy = train_text_encoder(path, tokenizer, data["train_captions"], data["test_captions"],
-                                              aux_recipe, progress)  # fmt: skip
-        path.train()
+    if name.startswith("clip2-aux"):
+        optimizer = torch.optim.AdamW(path.parameters(), lr=1e-3)
+        for _ in range(args.aux_steps):
+            index = torch.randint(len(train_in), (64,), generator=generator)
+            loss = path.aux_loss(train_in[index], data["train_last"][index], data["train_facts"][index])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            states = path.encoder(test_in)[0][torch.arange(len(test_in)), data["test_last"]]
+            hits = [(head(states).argmax(-1) == data["test_facts"][:, i]).float().mean() for i, head in
+                    enumerate(path.heads)]  # fmt: skip
+        aux_accuracy = {k: float(h) for k, h in zip(("colour", "shape", "cell"), hits, strict=True)}
     if name == "clip2-aux-frozen":
-        path.requires_grad_(False).eval()
+        path.requires_grad_(False)
     params = [*unet.parameters(), *(p for p in path.parameters() if p.requires_grad)]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     test_noise = torch.randn(data["test_x0"].shape, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
-    before = x0_error(unet, context(test_in), data["test_x0"], test_noise, scheduler)
+    before = x0_error(unet, path(test_in), data["test_x0"], test_noise, scheduler)
     for _ in range(args.steps):
         index = torch.randint(len(train_in), (args.batch,), generator=generator)
         x0 = data["train_x0"][index]
@@ -142,12 +148,12 @@ def run_variant(name: str, args: argparse.Namespace, data: dict, tokenizer, widt
         t = torch.full((args.batch,), T)
         noisy = scheduler.add_noise(x0, noise, t)
         # float32: CPUs without bf16 instructions run bf16 autocast about 10x slower
-        loss = F.mse_loss(unet(noisy, t, context(train_in[index])).sample, x0)
+        loss = F.mse_loss(unet(noisy, t, path(train_in[index])).sample, x0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    after = x0_error(unet, context(test_in), data["test_x0"], test_noise, scheduler)
+    after = x0_error(unet, path(test_in), data["test_x0"], test_noise, scheduler)
     result = {"x0_error_before": before, "x0_error_after": after, "seconds": time.perf_counter() - start}
     if aux_accuracy is not None:
         result["aux_accuracy"] = aux_accuracy
@@ -182,9 +188,10 @@ def main() -> None:
         images, captions, facts = single_scenes(seed, count)
         with torch.no_grad():
             x0 = latent_posterior(pipe, to_tensor(images)).mode() * pipe.vae.config.scaling_factor
-        ids = token_ids(tokenizer, captions)
+        ids = tokenizer(captions, padding="max_length", max_length=TEXT_LENGTH, truncation=True,
+                        return_tensors="pt").input_ids  # fmt: skip
         data[f"{split}_x0"], data[f"{split}_facts"], data[f"{split}_ids"] = x0, facts, ids
-        data[f"{split}_captions"] = captions
+        data[f"{split}_last"] = (ids != tokenizer.eos_token_id).sum(dim=1) - 1  # the last word, before EOS
     results = {}
     for name in args.variants:
         results[name] = run_variant(name, args, data, tokenizer, width)
