@@ -26,6 +26,9 @@ and text encoders (the tokenizer and caption format of the shipped teacher):
 - ``clip4``: a 4-layer CLIP text encoder, trained jointly.
 
 A text path that reads position words lands near ``oracle``; one that does not lands at ``colour-shape``.
+``--unet-scenes all`` trains the UNet on scenes of every caption kind, as the teacher is trained (``count``
+and ``mirror`` captions name no cell, so their layouts cannot be predicted at t = 999); the auxiliary task
+and the test stay on ``single`` scenes.
 Run it alone: two PyTorch processes on two cores slow each other down many times over.
 """
 
@@ -141,14 +144,15 @@ def run_variant(name: str, args: argparse.Namespace, data: dict, tokenizer, widt
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     test_noise = torch.randn(data["test_x0"].shape, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
     before = x0_error(unet, path(test_in), data["test_x0"], test_noise, scheduler)
+    unet_x0, unet_in = (data["all_x0"], data["all_ids"]) if "all_x0" in data else (data["train_x0"], train_in)
     for _ in range(args.steps):
-        index = torch.randint(len(train_in), (args.batch,), generator=generator)
-        x0 = data["train_x0"][index]
+        index = torch.randint(len(unet_in), (args.batch,), generator=generator)
+        x0 = unet_x0[index]
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.full((args.batch,), T)
         noisy = scheduler.add_noise(x0, noise, t)
         # float32: CPUs without bf16 instructions run bf16 autocast about 10x slower
-        loss = F.mse_loss(unet(noisy, t, path(train_in[index])).sample, x0)
+        loss = F.mse_loss(unet(noisy, t, path(unet_in[index])).sample, x0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -173,10 +177,15 @@ def main() -> None:
     parser.add_argument("--test-scenes", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scratch", type=Path, default=Path("runs/probe-scratch"))
+    parser.add_argument("--unet-scenes", choices=("single", "all"), default="single",
+                        help="the scenes the UNet trains on (all: every caption kind, as the teacher; the "
+                        "auxiliary task and the test stay on single scenes; text encoders only)")  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.steps < 1 or args.aux_steps < 0 or args.batch < 1:
         parser.error("--steps and --batch must be at least 1, --aux-steps at least 0")
+    if args.unet_scenes == "all" and {"oracle", "colour-shape"} & set(args.variants):
+        parser.error("--unet-scenes all needs text-encoder variants: count and mirror captions name no cell")
 
     pipe = load_model(locate_model("demo"))
     tokenizer, width = pipe.tokenizer, pipe.text_encoder.config.hidden_size
@@ -192,6 +201,13 @@ def main() -> None:
                         return_tensors="pt").input_ids  # fmt: skip
         data[f"{split}_x0"], data[f"{split}_facts"], data[f"{split}_ids"] = x0, facts, ids
         data[f"{split}_last"] = (ids != tokenizer.eos_token_id).sum(dim=1) - 1  # the last word, before EOS
+    if args.unet_scenes == "all":
+        scenes = [domain.make_scene(args.seed + 1, i) for i in range(args.train_scenes)]
+        images = to_tensor(np.stack([domain.render(s) for s in scenes]))
+        with torch.no_grad():
+            data["all_x0"] = latent_posterior(pipe, images).mode() * pipe.vae.config.scaling_factor
+        data["all_ids"] = tokenizer([s.caption for s in scenes], padding="max_length", max_length=TEXT_LENGTH,
+                                    truncation=True, return_tensors="pt").input_ids  # fmt: skip
     results = {}
     for name in args.variants:
         results[name] = run_variant(name, args, data, tokenizer, width)
