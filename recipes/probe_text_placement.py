@@ -26,6 +26,8 @@ and text encoders (the tokenizer and caption format of the shipped teacher):
 - ``clip4``: a 4-layer CLIP text encoder, trained jointly.
 
 A text path that reads position words lands near ``oracle``; one that does not lands at ``colour-shape``.
+``--objective epsilon`` trains the UNet to predict the noise, as the teacher is trained, and tests the
+clean latents that prediction implies (at t = 999 a layout error weighs 0.005 as much in noise units).
 ``--unet-scenes all`` trains the UNet on scenes of every caption kind, as the teacher is trained (``count``
 and ``mirror`` captions name no cell, so their layouts cannot be predicted at t = 999); the auxiliary task
 and the test stay on ``single`` scenes.
@@ -105,10 +107,19 @@ def single_scenes(seed: int, count: int) -> tuple[np.ndarray, list[str], torch.T
     return np.stack([domain.render(s) for s in scenes]), [s.caption for s in scenes], facts
 
 
-def x0_error(unet, context, x0, noise, scheduler) -> float:
+def clean_latents(unet, noisy, context, scheduler, objective: str) -> torch.Tensor:
+    """The UNet's prediction of the clean latents at t = T, whichever target it is trained on."""
+    out = unet(noisy, torch.full((len(noisy),), T), context).sample
+    if objective == "x0":
+        return out
+    a = scheduler.alphas_cumprod[T]
+    return (noisy - (1 - a).sqrt() * out) / a.sqrt()
+
+
+def x0_error(unet, context, x0, noise, scheduler, objective: str) -> float:
     noisy = scheduler.add_noise(x0, noise, torch.full((len(x0),), T))
     with torch.no_grad():
-        return float((unet(noisy, torch.full((len(x0),), T), context).sample - x0).square().mean())
+        return float((clean_latents(unet, noisy, context, scheduler, objective) - x0).square().mean())
 
 
 def run_variant(name: str, args: argparse.Namespace, data: dict, tokenizer, width: int) -> dict:
@@ -143,7 +154,7 @@ def run_variant(name: str, args: argparse.Namespace, data: dict, tokenizer, widt
     params = [*unet.parameters(), *(p for p in path.parameters() if p.requires_grad)]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     test_noise = torch.randn(data["test_x0"].shape, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
-    before = x0_error(unet, path(test_in), data["test_x0"], test_noise, scheduler)
+    before = x0_error(unet, path(test_in), data["test_x0"], test_noise, scheduler, args.objective)
     unet_x0, unet_in = (data["all_x0"], data["all_ids"]) if "all_x0" in data else (data["train_x0"], train_in)
     for _ in range(args.steps):
         index = torch.randint(len(unet_in), (args.batch,), generator=generator)
@@ -152,12 +163,13 @@ def run_variant(name: str, args: argparse.Namespace, data: dict, tokenizer, widt
         t = torch.full((args.batch,), T)
         noisy = scheduler.add_noise(x0, noise, t)
         # float32: CPUs without bf16 instructions run bf16 autocast about 10x slower
-        loss = F.mse_loss(unet(noisy, t, path(unet_in[index])).sample, x0)
+        target = x0 if args.objective == "x0" else noise
+        loss = F.mse_loss(unet(noisy, t, path(unet_in[index])).sample, target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    after = x0_error(unet, path(test_in), data["test_x0"], test_noise, scheduler)
+    after = x0_error(unet, path(test_in), data["test_x0"], test_noise, scheduler, args.objective)
     result = {"x0_error_before": before, "x0_error_after": after, "seconds": time.perf_counter() - start}
     if aux_accuracy is not None:
         result["aux_accuracy"] = aux_accuracy
@@ -177,6 +189,9 @@ def main() -> None:
     parser.add_argument("--test-scenes", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scratch", type=Path, default=Path("runs/probe-scratch"))
+    parser.add_argument("--objective", choices=("x0", "epsilon"), default="x0",
+                        help="what the UNet predicts (epsilon: the noise, as the teacher; the test still "
+                        "reads the clean latents it implies)")  # fmt: skip
     parser.add_argument("--unet-scenes", choices=("single", "all"), default="single",
                         help="the scenes the UNet trains on (all: every caption kind, as the teacher; the "
                         "auxiliary task and the test stay on single scenes; text encoders only)")  # fmt: skip
