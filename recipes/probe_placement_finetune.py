@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from deltaconv_cli.conditioning import latent_posterior
-from deltaconv_cli.demo.quality import position_reliance
-from deltaconv_cli.demo.teacher import TEXT_LENGTH, render_dataset, to_tensor
+from deltaconv_cli.demo.quality import clean_latents, position_reliance
+from deltaconv_cli.demo.teacher import render_dataset, to_tensor, token_ids
 from deltaconv_cli.loading import load_model, locate_model
 
 
@@ -54,9 +54,7 @@ def main() -> None:
         starts = range(0, len(images), 256)
         chunks = [latent_posterior(pipe, to_tensor(images[i : i + 256])).mode() for i in starts]
     latents = torch.cat(chunks) * pipe.vae.config.scaling_factor
-    tokenize = dict(padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt")
-    ids = pipe.tokenizer(captions, **tokenize).input_ids
-    empty = pipe.tokenizer([""], **tokenize).input_ids
+    ids, empty = token_ids(pipe.tokenizer, captions), token_ids(pipe.tokenizer, [""])
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas = scheduler.alphas_cumprod
     unet, encoder = pipe.unet.train(), pipe.text_encoder.requires_grad_(False).eval()
@@ -73,8 +71,8 @@ def main() -> None:
         noisy, a = scheduler.add_noise(x0, noise, t), alphas[t].view(-1, 1, 1, 1)
         with torch.no_grad():
             context = encoder(tokens)[0]
-        eps = unet(noisy, t, context).sample
-        loss = F.mse_loss((noisy - (1 - a).sqrt() * eps) / a.sqrt(), x0)
+        out = unet(noisy, t, context).sample
+        loss = F.mse_loss(clean_latents(out, noisy, a, scheduler.config.prediction_type), x0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

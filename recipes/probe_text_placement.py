@@ -50,8 +50,15 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from deltaconv_cli.conditioning import latent_posterior
 from deltaconv_cli.demo import domain
-from deltaconv_cli.demo.quality import HELD_OUT_SEED
-from deltaconv_cli.demo.teacher import TEXT_LENGTH, TeacherRecipe, build_components, to_tensor
+from deltaconv_cli.demo.quality import HELD_OUT_SEED, clean_latents
+from deltaconv_cli.demo.teacher import (
+    TEXT_LENGTH,
+    TeacherRecipe,
+    build_components,
+    render_dataset,
+    to_tensor,
+    token_ids,
+)
 from deltaconv_cli.loading import load_model, locate_model
 
 VARIANTS = ("oracle", "colour-shape", "clip2", "clip2-aux", "clip2-aux-frozen", "clip4")
@@ -107,19 +114,17 @@ def single_scenes(seed: int, count: int) -> tuple[np.ndarray, list[str], torch.T
     return np.stack([domain.render(s) for s in scenes]), [s.caption for s in scenes], facts
 
 
-def clean_latents(unet, noisy, context, scheduler, objective: str) -> torch.Tensor:
+def predicted_x0(unet, noisy, context, scheduler, objective: str) -> torch.Tensor:
     """The UNet's prediction of the clean latents at t = T, whichever target it is trained on."""
     out = unet(noisy, torch.full((len(noisy),), T), context).sample
-    if objective == "x0":
-        return out
-    a = scheduler.alphas_cumprod[T]
-    return (noisy - (1 - a).sqrt() * out) / a.sqrt()
+    prediction_type = "sample" if objective == "x0" else objective  # diffusers' name for each target
+    return clean_latents(out, noisy, scheduler.alphas_cumprod[T], prediction_type)
 
 
 def x0_error(unet, context, x0, noise, scheduler, objective: str) -> float:
     noisy = scheduler.add_noise(x0, noise, torch.full((len(x0),), T))
     with torch.no_grad():
-        return float((clean_latents(unet, noisy, context, scheduler, objective) - x0).square().mean())
+        return float((predicted_x0(unet, noisy, context, scheduler, objective) - x0).square().mean())
 
 
 def run_variant(name: str, args: argparse.Namespace, data: dict, tokenizer, width: int) -> dict:
@@ -212,17 +217,14 @@ def main() -> None:
         images, captions, facts = single_scenes(seed, count)
         with torch.no_grad():
             x0 = latent_posterior(pipe, to_tensor(images)).mode() * pipe.vae.config.scaling_factor
-        ids = tokenizer(captions, padding="max_length", max_length=TEXT_LENGTH, truncation=True,
-                        return_tensors="pt").input_ids  # fmt: skip
+        ids = token_ids(tokenizer, captions)
         data[f"{split}_x0"], data[f"{split}_facts"], data[f"{split}_ids"] = x0, facts, ids
         data[f"{split}_last"] = (ids != tokenizer.eos_token_id).sum(dim=1) - 1  # the last word, before EOS
     if args.unet_scenes == "all":
-        scenes = [domain.make_scene(args.seed + 1, i) for i in range(args.train_scenes)]
-        images = to_tensor(np.stack([domain.render(s) for s in scenes]))
+        images, captions = render_dataset(args.seed + 1, args.train_scenes)
         with torch.no_grad():
-            data["all_x0"] = latent_posterior(pipe, images).mode() * pipe.vae.config.scaling_factor
-        data["all_ids"] = tokenizer([s.caption for s in scenes], padding="max_length", max_length=TEXT_LENGTH,
-                                    truncation=True, return_tensors="pt").input_ids  # fmt: skip
+            data["all_x0"] = latent_posterior(pipe, to_tensor(images)).mode() * pipe.vae.config.scaling_factor
+        data["all_ids"] = token_ids(tokenizer, captions)
     results = {}
     for name in args.variants:
         results[name] = run_variant(name, args, data, tokenizer, width)

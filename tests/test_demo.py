@@ -13,6 +13,7 @@ from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.extractor import DomainFeatureExtractor
 from deltaconv_cli.demo.quality import (
     adherence_by_kind,
+    clean_latents,
     frechet,
     held_out_captions,
     placed_objects,
@@ -101,6 +102,22 @@ def test_with_cell_moved_names_the_same_object_elsewhere():
     assert with_cell_moved("a blue square in the center", 9) == "a blue square in the center"
     with pytest.raises(ValueError, match="not a single-object caption"):
         with_cell_moved("two red circles mirrored", 1)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_clean_latents_inverts_the_noising_for_each_prediction_type(prediction_type):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    t = torch.tensor([0, 500, 999])
+    noisy = scheduler.add_noise(x0, noise, t)
+    exact = {"epsilon": noise, "v_prediction": scheduler.get_velocity(x0, noise, t), "sample": x0}
+    alpha = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    recovered = clean_latents(exact[prediction_type], noisy, alpha, prediction_type)
+    # float32 rounding, amplified 15x at t = 999 for epsilon
+    torch.testing.assert_close(recovered, x0, atol=1e-4, rtol=1e-4)
 
 
 def test_position_reliance_measures_clean_latent_error_per_timestep():

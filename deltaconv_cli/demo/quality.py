@@ -80,6 +80,18 @@ def with_cell_moved(caption: str, step: int) -> str:
     return domain.caption_of("single", (moved,))
 
 
+def clean_latents(
+    prediction: torch.Tensor, noisy: torch.Tensor, alpha: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The clean latents a denoiser's ``prediction`` implies for ``noisy`` latents at cumulative alpha
+    ``alpha``, for diffusers' prediction types (``epsilon``, ``v_prediction``, ``sample``)."""
+    if prediction_type == "epsilon":
+        return (noisy - (1 - alpha).sqrt() * prediction) / alpha.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha.sqrt() * noisy - (1 - alpha).sqrt() * prediction
+    return prediction
+
+
 @torch.no_grad()
 def position_reliance(
     pipe: Any, count: int = 64, timesteps: Sequence[int] = (999, 900, 800, 600), seed: int = HELD_OUT_SEED
@@ -111,13 +123,7 @@ def position_reliance(
         noisy, a = scheduler.add_noise(x0, noise, steps), alphas[t]
         errors = {}
         for name, cond in conds.items():
-            out = predict(pipe.unet, noisy, steps, cond).float()
-            if prediction == "epsilon":
-                x0_hat = (noisy - (1 - a).sqrt() * out) / a.sqrt()
-            elif prediction == "v_prediction":
-                x0_hat = a.sqrt() * noisy - (1 - a).sqrt() * out
-            else:
-                x0_hat = out
+            x0_hat = clean_latents(predict(pipe.unet, noisy, steps, cond).float(), noisy, a, prediction)
             errors[f"{name}_caption"] = float((x0_hat - x0).square().mean())
         result[str(t)] = errors
     return result

@@ -16,7 +16,6 @@ import json
 import math
 import shutil
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +176,13 @@ def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> 
     return torch.cat(chunks)
 
 
+def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """``captions`` as padded ``(N, TEXT_LENGTH)`` token ids, as the pipeline tokenizes prompts."""
+    return tokenizer(
+        captions, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 def train_denoiser(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
@@ -196,10 +202,7 @@ def train_denoiser(
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     alphas = scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
-    tokenize = partial(
-        tokenizer, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
-    )
-    ids, empty = tokenize(captions).input_ids, tokenize([""]).input_ids
+    ids, empty = token_ids(tokenizer, captions), token_ids(tokenizer, [""])
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
     ema = EMAModel(params, decay=recipe.ema_decay, use_ema_warmup=True, power=0.75)
