@@ -2,10 +2,12 @@
 
     python recipes/checkpoint_position_reliance.py --work runs/teacher-v2-work [--weights ema|live]
 
-Reads the work folder of `recipes/train_demo_teacher.py` (VAE, text encoder, denoiser checkpoint) and
-prints `quality.position_reliance` for 32 held-out single scenes at t = 999, 900 and 600: whether the
-UNet has started to read the caption's cell. It runs on one thread, so that a training run going on beside
-it slows down by seconds; a run that will never read the cell shows it within the first 600 steps.
+Reads the work folder of `recipes/train_demo_teacher.py` (VAE, denoiser checkpoint, and the text encoder
+when the recipe trains it in a stage of its own; otherwise the checkpoint holds it too) and prints
+`quality.position_reliance` for 32 held-out single scenes at t = 999, 900 and 600: whether the UNet has
+started to read the caption's cell. The pipeline it builds is the current recipe's, so read a run with
+the code that made it. It runs on one thread, so that a training run going on beside it slows down by
+seconds.
 """
 
 from __future__ import annotations
@@ -30,17 +32,20 @@ def main() -> None:
     parser.add_argument("--weights", choices=("ema", "live"), default="ema")
     args = parser.parse_args()
     checkpoint = args.work / "denoiser-checkpoint"
-    if not (checkpoint / "state.json").exists() or not (args.work / "text_encoder").exists():
-        parser.error(f"{args.work} has no denoiser checkpoint and text encoder yet")
+    if not (checkpoint / "state.json").exists():
+        parser.error(f"{args.work} has no denoiser checkpoint yet")
     torch.set_num_threads(1)
     parts = build_components(TeacherRecipe(), args.work)
     parts["vae"] = AutoencoderKL.from_pretrained(args.work / "vae")
-    parts["text_encoder"] = CLIPTextModel.from_pretrained(args.work / "text_encoder")
+    frozen_encoder = (args.work / "text_encoder").exists()
+    if frozen_encoder:
+        parts["text_encoder"] = CLIPTextModel.from_pretrained(args.work / "text_encoder")
+    trained = [*parts["unet"].parameters(), *([] if frozen_encoder else parts["text_encoder"].parameters())]
     step = json.loads((checkpoint / "state.json").read_text())["step"]
     tensors = load_file(checkpoint / "state.safetensors")
     prefix = "ema" if args.weights == "ema" else "param"  # the checkpoint's names for the two
     with torch.no_grad():
-        for i, parameter in enumerate(parts["unet"].parameters()):
+        for i, parameter in enumerate(trained):  # the order train_denoiser checkpoints them in
             parameter.copy_(tensors[f"{prefix}.{i}"])
     pipe = StableDiffusionPipeline(
         **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
