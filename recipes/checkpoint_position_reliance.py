@@ -7,7 +7,8 @@ when the recipe trains it in a stage of its own; otherwise the checkpoint holds 
 `quality.position_reliance` for 32 held-out single scenes at t = 999, 900 and 600: whether the UNet has
 started to read the caption's cell. The pipeline it builds is the current recipe's, so read a run with
 the code that made it. It runs on one thread, so that a training run going on beside it slows down by
-seconds.
+seconds. `--save DIR` also writes the checkpoint as a pipeline folder, to sample from before the run
+ends.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--work", type=Path, required=True, help="the training run's work folder")
     parser.add_argument("--weights", choices=("ema", "live"), default="ema")
+    parser.add_argument("--save", type=Path, help="also write the checkpoint as a pipeline folder here")
     args = parser.parse_args()
     checkpoint = args.work / "denoiser-checkpoint"
     if not (checkpoint / "state.json").exists():
@@ -50,6 +52,8 @@ def main() -> None:
     pipe = StableDiffusionPipeline(
         **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
+    if args.save is not None:  # for recipes/evaluate_demo_teacher.py --pipeline
+        pipe.save_pretrained(args.save)
     reliance = position_reliance(pipe, count=32, timesteps=(999, 900, 600))
     print(f"step {step}, {args.weights} weights")
     for t, errors in reliance.items():
