@@ -4,16 +4,18 @@
 
 On a schedule with zero SNR at t = 999 the noisy latents hold nothing of the image there, so the best
 prediction of the clean latents is the mean latent of every scene the caption describes. This renders
-`--draws` scenes for each of position_reliance's 32 held-out single captions (same colour, shape and
-cell; object size, jitter and background drawn as the data set draws them), and for its moved captions,
-encodes them with the pipeline's VAE, and prints the x0 error of that mean against the real scene, for the
-own and for the moved caption: the moved / own that a perfect caption-only denoiser reaches.
+`--draws` scenes for each of the first 32 of position_reliance's held-out single captions (same colour,
+shape and cell; object size, jitter and background drawn as the data set draws them) and for their moved
+captions, encodes them with the pipeline's VAE, and prints the x0 error of that mean against the real
+scene, for the own and for the moved caption: the moved / own that a perfect caption-only denoiser
+reaches.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,15 +30,15 @@ COUNT = 32
 
 
 @torch.no_grad()
-def mean_latent(pipe, caption: str, draws: int, rng: np.random.Generator) -> torch.Tensor:
+def mean_latent(pipe: Any, caption: str, draws: int, rng: np.random.Generator) -> torch.Tensor:
     """The mean latent of ``draws`` scenes that ``caption`` describes."""
     _, (wanted,) = domain.parse_caption(caption)
     scenes = []
     for _ in range(draws):
         drawn = domain.sample_scene(rng, "single")
         (free,) = drawn.objects  # its size and jitter
-        scenes.append(dataclasses.replace(drawn, objects=(dataclasses.replace(free, color=wanted.color,
-                      shape=wanted.shape, cell=wanted.cell),)))  # fmt: skip
+        placed = dataclasses.replace(free, color=wanted.color, shape=wanted.shape, cell=wanted.cell)
+        scenes.append(dataclasses.replace(drawn, objects=(placed,)))
     images = to_tensor(np.stack([domain.render(s) for s in scenes]))
     return (latent_posterior(pipe, images).mode() * pipe.vae.config.scaling_factor).mean(0)
 
