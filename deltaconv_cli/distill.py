@@ -55,6 +55,7 @@ from .interop import adapter_for
 from .loading import load_model, locate_model
 from .mixers import INITS, MIXERS
 from .progress import advance, progress_bar
+from .sampling import default_guidance
 from .surgery import DeltaConvAdapter, ReplacedSelfAttention
 
 RECIPES_DIR = Path(str(importlib.resources.files("deltaconv_cli.recipes")))
@@ -97,7 +98,7 @@ class DistillConfig:
     gradient_checkpointing: bool = False
     report_prompts: int = 8
     report_steps: int = 20
-    report_guidance: float = 7.5
+    report_guidance: float | None = None  # default: the model's own (sampling.default_guidance)
     report_to: str = "none"  # "tensorboard": losses also go to accelerate's TensorBoard tracker
 
     def check(self) -> None:
@@ -164,7 +165,7 @@ _SETTING_RULES: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] =
     "gradient_checkpointing": ((bool,), lambda v: True, "true or false"),
     "report_prompts": (_COUNT, lambda v: v >= 1, "at least 1"),
     "report_steps": (_COUNT, lambda v: v >= 1, "at least 1"),
-    "report_guidance": (_NUMBER, _finite(0), "a number >= 0"),
+    "report_guidance": ((*_NUMBER, type(None)), lambda v: v is None or _finite(0)(v), "a number >= 0"),
     "report_to": ((str,), lambda v: v in REPORT_TO, f"one of {', '.join(REPORT_TO)}"),
 }
 
@@ -382,6 +383,8 @@ def distill(
     from accelerate import Accelerator
 
     out = Path(out)
+    if config.report_guidance is None:
+        config = replace(config, report_guidance=default_guidance(model))
     dataset = open_data(data, config.seed)
     if config.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise DeltaConvError("report_to tensorboard needs the tensorboard package: pip install tensorboard")

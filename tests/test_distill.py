@@ -164,6 +164,8 @@ def test_outputs_of_a_run(saved_pipelines, image_folder, tmp_path):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     report = json.loads((tmp_path / "r.json").read_text())
+    # The demo recipe leaves the report's guidance to the model: SD's 7.5 for a model other than the demo.
+    assert json.loads((out / "config.json").read_text())["report_guidance"] == 7.5
     assert set(report["converted"]) >= {"psnr_db", "ssim", "denoiser_relative_error"}
     from deltaconv_cli.loading import load_converted
 
