@@ -297,7 +297,7 @@ def sample(
     ] = 1,
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 20,
     guidance: Annotated[
-        float | None, typer.Option(help="Classifier-free guidance (default 7.5; demo 4).")
+        float | None, typer.Option(help="Classifier-free guidance (default 7.5; demo: its recommended).")
     ] = None,
     height: Annotated[int | None, typer.Option(help="Pixels (default: the model's native size).")] = None,
     width: Annotated[int | None, typer.Option(help="Pixels (default: the model's native size).")] = None,
@@ -361,7 +361,7 @@ def eval_command(
     clip: Annotated[str | None, typer.Option(help="Local CLIP model folder for CLIP score.")] = None,
     seed: Annotated[int, typer.Option(help="Prompt i uses seed + i.")] = 0,
     steps: Annotated[int, typer.Option()] = 20,
-    guidance: Annotated[float | None, typer.Option(help="Default 7.5; demo 4.")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Default 7.5; demo: its recommended.")] = None,
     height: Annotated[int | None, typer.Option()] = None,
     width: Annotated[int | None, typer.Option()] = None,
     scheduler: Annotated[str | None, typer.Option()] = None,
@@ -417,7 +417,7 @@ def analyze(
         int, typer.Option(help="Query positions sampled per layer and call (all if fewer).")
     ] = 256,
     steps: Annotated[int, typer.Option()] = 20,
-    guidance: Annotated[float | None, typer.Option(help="Default 7.5; demo 4.")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Default 7.5; demo: its recommended.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Path, typer.Option("--out", "-o")] = Path("analysis"),
     device: DeviceOption = None,

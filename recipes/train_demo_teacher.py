@@ -1,4 +1,4 @@
-"""Train the embedded demo teacher and its feature extractor (about 80 minutes on a 2-core CPU).
+"""Train the embedded demo teacher and its feature extractor (about 85 minutes on a 2-core CPU).
 
     python recipes/train_demo_teacher.py [--out deltaconv_cli/assets/demo] [--work DIR] [--seed 0]
 

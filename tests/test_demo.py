@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.models.attention import BasicTransformerBlock
 from transformers import CLIPTokenizer
 
@@ -21,7 +26,7 @@ from deltaconv_cli.demo.quality import (
     real_images,
     with_cell_moved,
 )
-from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, vocabulary
+from deltaconv_cli.demo.teacher import NOISE_SCHEDULE, RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, vocabulary
 from deltaconv_cli.demo.text import build_clip_tokenizer
 from deltaconv_cli.loading import demo_path, load_model, locate_model
 from deltaconv_cli.sampling import SampleSettings, generate
@@ -158,6 +163,15 @@ def test_shipped_teacher_has_self_and_cross_attention_at_two_resolutions_from_32
     assert len(blocks) == len(grids)
 
 
+def test_shipped_teacher_samples_from_pure_noise_and_predicts_v():
+    # The layout must come from the caption: no signal may be left at t = 999, and sampling starts there.
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(demo_path(), subfolder="scheduler")
+    assert {k: scheduler.config[k] for k in NOISE_SCHEDULE} == NOISE_SCHEDULE
+    assert DDPMScheduler.from_config(scheduler.config).alphas_cumprod[-1] == 0
+    scheduler.set_timesteps(RECOMMENDED_STEPS)
+    assert int(scheduler.timesteps[0]) == 999
+
+
 @pytest.mark.slow
 def test_shipped_teacher_loads_like_a_user_checkpoint_and_follows_prompts():
     folder = locate_model("demo")
@@ -173,7 +187,8 @@ def test_shipped_teacher_loads_like_a_user_checkpoint_and_follows_prompts():
     # The same images scored against the next image's caption: what ignoring the prompt would score.
     shifted = adherence_by_kind(images, captions[1:] + captions[:1], kinds[1:] + kinds[:1])["all"]
     print(f"adherence {own:.3f}, against shifted captions {shifted:.3f}")
-    # Teacher v1 measures 0.38 on 200 held-out captions (BENCHMARKS.md); issue 4's bar of 0.8 is not
-    # reached yet, so this guards what the shipped weights do achieve rather than claiming the bar.
-    assert own >= 0.3
-    assert own >= shifted + 0.15
+    # Teacher v2 measures 0.542 here against 0.135 shifted (AMD EPYC), and 0.557 on 200 held-out captions
+    # (BENCHMARKS.md); v1 measured 0.41 against 0.12. Issue 14's bar of 0.8 is not reached yet, so this
+    # guards what the shipped weights achieve, with room for another CPU's kernels to flip a few facts.
+    assert own >= 0.45
+    assert own >= shifted + 0.3

@@ -5,9 +5,11 @@ Architecture (a genuine ``StableDiffusionPipeline``): a CLIP tokenizer over the 
 ``UNet2DConditionModel`` with self- and cross-attention at 32 x 32 and 16 x 16 (and 8 x 8 in the middle).
 
 Training (:func:`train_teacher`) runs in stages, each saved when done so that a rerun resumes after the
-last finished stage: render the data set, train the VAE, encode latents, train text encoder + UNet
-(epsilon prediction, min-SNR weighting, EMA, classifier-free caption dropout), train the feature
-extractor, write the pipeline folder.
+last finished stage: render the data set, train the VAE, encode latents, teach the text encoder what each
+object phrase says (:func:`train_text_encoder`), train the UNet on the frozen encoder (v prediction,
+loss capped at low noise, EMA, classifier-free caption dropout), train the feature extractor, write the
+pipeline folder. Everything runs in float32: CPUs without bf16 instructions run bf16 autocast about ten times
+slower, and the recipe has to fit 90 minutes on two such cores.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import math
 import shutil
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,16 @@ from .text import build_clip_tokenizer
 
 TEXT_LENGTH = 24  # tokens; the longest caption has 17 with BOS/EOS
 RECOMMENDED_STEPS = 20
-RECOMMENDED_GUIDANCE = 4.0
+RECOMMENDED_GUIDANCE = 2.0  # the best of 1.5, 2 and 3 on held-out captions (BENCHMARKS.md, section 1)
+# SD's scaled-linear betas, rescaled to zero SNR at t = 999 and predicting v (see train_denoiser for why).
+NOISE_SCHEDULE = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "rescale_betas_zero_snr": True,
+    "prediction_type": "v_prediction",
+}
 
 
 def vocabulary() -> list[str]:
@@ -57,17 +69,22 @@ class TeacherRecipe:
     """Every setting of the teacher's training; the defaults are the shipped teacher's."""
 
     seed: int = 0
-    train_scenes: int = 50_000
+    train_scenes: int = 24_000
     vae_steps: int = 800
-    vae_batch: int = 32
+    vae_batch: int = 16
     vae_lr: float = 1e-3
-    steps: int = 3600
-    batch: int = 32
+    text_steps: int = 1000
+    text_batch: int = 64
+    text_lr: float = 1e-3
+    steps: int = 2100
+    batch: int = 16
     lr: float = 6e-4
     warmup: int = 200
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
-    min_snr_gamma: float = 5.0
+    snr_cap: float = 5.0
+    high_noise_share: float = 0.5  # of every batch, drawn from t >= high_noise_from instead of all timesteps
+    high_noise_from: int = 900
     extractor_steps: int = 1200
     checkpoint_every: int = 300
     unet_channels: tuple[int, int, int] = (48, 96, 96)
@@ -115,9 +132,8 @@ def build_components(recipe: TeacherRecipe, scratch: Path) -> dict[str, Any]:
         attention_head_dim=1,  # diffusers reads this as the number of heads
         norm_num_groups=16,
     )
-    scheduler = DPMSolverMultistepScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
-    )
+    # Trailing spacing starts sampling at t = 999, the pure noise the zero-SNR schedule trains on.
+    scheduler = DPMSolverMultistepScheduler(**NOISE_SCHEDULE, timestep_spacing="trailing")
     return {
         "tokenizer": tokenizer,
         "text_encoder": text_encoder,
@@ -153,9 +169,8 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, recipe: TeacherRecipe, pro
     for step in range(recipe.vae_steps):
         index = torch.randint(len(images), (recipe.vae_batch,), generator=gen)
         x = to_tensor(images[index.numpy()])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample(generator=gen)).sample.float()
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
         loss.backward()
         for group in optimizer.param_groups:  # cosine decay to 10 %
@@ -167,12 +182,11 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, recipe: TeacherRecipe, pro
 
 
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 64) -> torch.Tensor:
     """Posterior means of ``images``, unscaled."""
     chunks = []
     for start in range(0, len(images), batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            chunks.append(vae.encode(to_tensor(images[start : start + batch])).latent_dist.mode().float())
+        chunks.append(vae.encode(to_tensor(images[start : start + batch])).latent_dist.mode())
     return torch.cat(chunks)
 
 
@@ -181,6 +195,105 @@ def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(
         captions, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
     ).input_ids
+
+
+IGNORE = -100  # cross-entropy's ignore index: a caption with one object phrase has no second target
+NO_CELL = domain.GRID * domain.GRID  # the cell class of count and mirror phrases, which name none
+
+
+def phrase_facts(caption: str) -> tuple[list[int], list[tuple[int, int, int, int]]]:
+    """Where each object phrase of ``caption`` ends (token index, BOS counted) and what it says.
+
+    A phrase's facts are (colour, shape, cell or NO_CELL, number of objects - 1). The tokenizer spells
+    every word as one token, so word ``i`` is token ``i + 1``; a causal encoder's state at a phrase's last
+    word has seen the whole phrase.
+    """
+    kind, objects = domain.parse_caption(caption)
+    words = caption.split()
+    colours = list(domain.COLORS)
+    if kind in ("single", "pair"):
+        ends = [len(words)] if kind == "single" else [words.index("and"), len(words)]
+        facts = [(colours.index(o.color), domain.SHAPES.index(o.shape), o.cell, 0) for o in objects]
+    else:
+        first = objects[0]
+        ends = [len(words)]
+        facts = [(colours.index(first.color), domain.SHAPES.index(first.shape), NO_CELL, len(objects) - 1)]
+    return ends, facts
+
+
+class PhraseProbe(torch.nn.Module):
+    """Linear heads that read an object phrase's facts from the text encoder's state at its last word."""
+
+    CLASSES = (len(domain.COLORS), len(domain.SHAPES), NO_CELL + 1, max(domain.NUMBERS))
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, n) for n in self.CLASSES)
+
+    def forward(self, states: torch.Tensor) -> list[torch.Tensor]:
+        return [head(states) for head in self.heads]
+
+
+def _phrase_targets(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phrase-end token indices ``(N, 2)`` and their facts ``(N, 2, 4)``, IGNORE where a caption has one."""
+    ends = torch.zeros(len(captions), 2, dtype=torch.long)
+    facts = torch.full((len(captions), 2, len(PhraseProbe.CLASSES)), IGNORE, dtype=torch.long)
+    for i, caption in enumerate(captions):
+        caption_ends, caption_facts = phrase_facts(caption)
+        ends[i, : len(caption_ends)] = torch.tensor(caption_ends)
+        facts[i, : len(caption_facts)] = torch.tensor(caption_facts)
+    return ends, facts
+
+
+def train_text_encoder(
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    captions: list[str],
+    held_out: list[str],
+    recipe: TeacherRecipe,
+    progress: Progress,
+) -> dict[str, float]:
+    """Teach the text encoder to state each object phrase's colour, shape, cell and number at its last word.
+
+    Trained jointly with the UNet from scratch, a causal CLIP encoder learns colour and shape but never
+    turns position words into anything cross-attention can use (the placement probe in ``recipes/``
+    measures this). Trained first on this auxiliary task and then frozen, it hands the UNet the cell.
+    Returns the linear heads' accuracy per fact on ``held_out`` captions.
+    """
+    tokenize = partial(token_ids, tokenizer)
+    probe = PhraseProbe(text_encoder.config.hidden_size)
+    params = [*text_encoder.parameters(), *probe.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=recipe.text_lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(recipe.seed + 2)
+    ids, (ends, facts) = tokenize(captions), _phrase_targets(captions)
+
+    def logits(batch_ids: torch.Tensor, batch_ends: torch.Tensor) -> list[torch.Tensor]:
+        states = text_encoder(batch_ids)[0]
+        return probe(states[torch.arange(len(batch_ids))[:, None], batch_ends])
+
+    task = progress.add_task("text encoder", total=recipe.text_steps, status="")
+    text_encoder.train()
+    for step in range(recipe.text_steps):
+        index = torch.randint(len(ids), (recipe.text_batch,), generator=gen)
+        outputs = logits(ids[index], ends[index])
+        target = facts[index]
+        loss = sum(F.cross_entropy(out.flatten(0, 1), target[..., k].flatten(), ignore_index=IGNORE)
+                   for k, out in enumerate(outputs))  # fmt: skip
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.text_lr * 0.5 * (1 + math.cos(math.pi * step / recipe.text_steps))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        advance(progress, task, f"loss {loss.item():.4f}")
+    text_encoder.eval()
+    held_ends, held_facts = _phrase_targets(held_out)
+    with torch.no_grad():
+        outputs = logits(tokenize(held_out), held_ends)
+    accuracy = {}
+    for k, name in enumerate(("colour", "shape", "cell", "number")):
+        named = held_facts[..., k] != IGNORE
+        accuracy[name] = float((outputs[k].argmax(-1) == held_facts[..., k])[named].float().mean())
+    return accuracy
 
 
 def train_denoiser(
@@ -193,23 +306,36 @@ def train_denoiser(
     progress: Progress,
     checkpoint: Path,
 ) -> None:
-    """Text encoder + UNet, trained jointly for epsilon prediction with min-SNR weighting and EMA.
+    """The UNet, trained on the frozen text encoder for v prediction with EMA.
+
+    The schedule reaches zero SNR at t = 999. On SD's own schedule 6.8 % of the clean latents' amplitude
+    is left there, and on 32 x 32 latents of large flat shapes that is enough to find the objects in the
+    noise: a teacher trained on it takes the layout from the noise and none from the caption, and at
+    sampling time draws whatever layout the seed's noise suggests. With no signal left at t = 999 the
+    caption is the only source of the layout. Drawn uniformly, one timestep in ten is there (t >= 900),
+    where the layout is decided; ``high_noise_share`` of every batch is drawn from those steps instead.
+
+    The loss is the v error, which is the clean-latent error weighted by SNR + 1, capped at ``snr_cap`` + 1
+    so that the nearly clean steps do not dominate. Where the layout is decided (t near 999) this keeps the
+    clean-latent error at full weight, where epsilon prediction with min-SNR weighting scales it by the
+    SNR (0.005 at t = 999 on SD's schedule, and 0 with zero SNR).
 
     Every ``checkpoint_every`` steps the weights, EMA and optimizer state are saved to ``checkpoint``
     (safetensors + JSON, atomically); a rerun continues from there. Each step's random draws come from a
     generator seeded by the step, so a resumed run follows the same trajectory.
     """
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    scheduler = DDPMScheduler(**NOISE_SCHEDULE)
     alphas = scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
-    ids, empty = token_ids(tokenizer, captions), token_ids(tokenizer, [""])
-    params = [*unet.parameters(), *text_encoder.parameters()]
+    tokenize = partial(token_ids, tokenizer)
+    ids, empty = tokenize(captions), tokenize([""])
+    text_encoder.requires_grad_(False).eval()  # joint training would wash the cell back out of its states
+    params = list(unet.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
     ema = EMAModel(params, decay=recipe.ema_decay, use_ema_warmup=True, power=0.75)
     start = _load_denoiser_checkpoint(checkpoint, params, ema, optimizer) if checkpoint.exists() else 0
-    task = progress.add_task("UNet + text encoder", total=recipe.steps, completed=start, status="")
+    task = progress.add_task("UNet", total=recipe.steps, completed=start, status="")
     unet.train()
-    text_encoder.train()
     for step in range(start, recipe.steps):
         gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
         index = torch.randint(len(latents), (recipe.batch,), generator=gen)
@@ -217,13 +343,17 @@ def train_denoiser(
         tokens = ids[index].clone()
         tokens[torch.rand(recipe.batch, generator=gen) < recipe.caption_dropout] = empty
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(scheduler.config.num_train_timesteps, (recipe.batch,), generator=gen)
+        steps = scheduler.config.num_train_timesteps
+        t = torch.randint(steps, (recipe.batch,), generator=gen)
+        high = torch.randint(recipe.high_noise_from, steps, t.shape, generator=gen)
+        t = torch.where(torch.rand(recipe.batch, generator=gen) < recipe.high_noise_share, high, t)
         noisy = scheduler.add_noise(x0, noise, t)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
             context = text_encoder(tokens)[0]
-            pred = unet(noisy, t, context).sample.float()
-        weight = torch.clamp(snr[t], max=recipe.min_snr_gamma) / snr[t]
-        loss = (weight * (pred - noise).square().mean(dim=(1, 2, 3))).mean()
+        pred = unet(noisy, t, context).sample
+        weight = torch.clamp((recipe.snr_cap + 1) / (snr[t] + 1), max=1.0)
+        target = scheduler.get_velocity(x0, noise, t)
+        loss = (weight * (pred - target).square().mean(dim=(1, 2, 3))).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         warm = min(1.0, (step + 1) / recipe.warmup)
@@ -238,7 +368,6 @@ def train_denoiser(
             _save_denoiser_checkpoint(checkpoint, step + 1, params, ema, optimizer)
     ema.copy_to(params)
     unet.eval()
-    text_encoder.eval()
 
 
 def _save_denoiser_checkpoint(folder: Path, step: int, params: list, ema: EMAModel, optimizer: Any) -> None:
@@ -311,6 +440,16 @@ def train_teacher(out: Path, recipe: TeacherRecipe | None = None, work: Path | N
                 latents = encode_latents(vae, images) * vae.config.scaling_factor
                 save_file({"latents": latents.contiguous()}, latents_file)
             latents = load_file(latents_file)["latents"]
+            if (work / "text_encoder").exists():
+                parts["text_encoder"] = CLIPTextModel.from_pretrained(work / "text_encoder")
+            else:
+                held_out = [domain.make_scene(recipe.seed + 4, i).caption for i in range(1024)]
+                accuracy = train_text_encoder(
+                    parts["text_encoder"], parts["tokenizer"], captions, held_out, recipe, progress
+                )
+                facts = ", ".join(f"{name} {value:.3f}" for name, value in accuracy.items())
+                progress.console.print(f"text encoder: held-out phrase facts read back: {facts}")
+                _save_atomic(parts["text_encoder"], work / "text_encoder")
             denoiser_parts = (parts["unet"], parts["text_encoder"], parts["tokenizer"])
             train_denoiser(*denoiser_parts, latents, captions, recipe, progress, work / "denoiser-checkpoint")
             pipe = StableDiffusionPipeline(

@@ -1,0 +1,84 @@
+"""The demo teacher's training recipe: the text encoder's auxiliary task and the resumable UNet stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltaconv_cli.demo import domain, teacher
+from deltaconv_cli.demo.teacher import (
+    NO_CELL,
+    TeacherRecipe,
+    build_components,
+    phrase_facts,
+    train_denoiser,
+    train_text_encoder,
+)
+from deltaconv_cli.progress import progress_bar
+
+RED, BLUE, GREEN = (list(domain.COLORS).index(c) for c in ("red", "blue", "green"))
+CIRCLE, SQUARE, TRIANGLE = range(3)
+
+
+def test_phrase_facts_name_each_object_phrase_at_its_last_word():
+    # Token 0 is BOS, so word i is token i + 1; the state at a phrase's last word has seen all of it.
+    assert phrase_facts("a red circle at the top left") == ([7], [(RED, CIRCLE, 0, 0)])
+    assert phrase_facts("a red circle in the center and a blue square at the bottom right") == (
+        [6, 14],
+        [(RED, CIRCLE, 4, 0), (BLUE, SQUARE, 8, 0)],
+    )
+    assert phrase_facts("three green triangles") == ([3], [(GREEN, TRIANGLE, NO_CELL, 2)])
+    assert phrase_facts("two blue squares mirrored") == ([4], [(BLUE, SQUARE, NO_CELL, 1)])
+
+
+def test_text_encoder_stage_makes_the_cell_of_each_object_readable(tmp_path: Path):
+    recipe = TeacherRecipe(text_steps=300)
+    parts = build_components(recipe, tmp_path)
+    captions = [domain.make_scene(0, i).caption for i in range(4000)]
+    held_out = [domain.make_scene(1, i).caption for i in range(500)]
+    with progress_bar() as progress:
+        encoder, tokenizer = parts["text_encoder"], parts["tokenizer"]
+        accuracy = train_text_encoder(encoder, tokenizer, captions, held_out, recipe, progress)
+    # Measured: 1.0 for every fact (pairs included: each phrase's cell, not just the caption's last one).
+    assert accuracy["cell"] >= 0.95, accuracy
+    assert min(accuracy.values()) >= 0.95, accuracy
+
+
+def _train(parts: dict, latents: torch.Tensor, captions: list[str], recipe: TeacherRecipe, checkpoint: Path):
+    with progress_bar() as progress:
+        models = parts["unet"], parts["text_encoder"], parts["tokenizer"]
+        train_denoiser(*models, latents, captions, recipe, progress, checkpoint)
+    return {k: v.clone() for k, v in parts["unet"].state_dict().items()}
+
+
+def test_unet_stage_keeps_the_text_encoder_frozen_and_resumes_exactly(tmp_path: Path, monkeypatch):
+    recipe = TeacherRecipe(steps=4, batch=2, warmup=1, checkpoint_every=2)
+    captions = [domain.make_scene(0, i).caption for i in range(8)]
+    latents = torch.randn(8, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    whole = build_components(recipe, tmp_path / "a")
+    encoder_before = {k: v.clone() for k, v in whole["text_encoder"].state_dict().items()}
+    unet_before = {k: v.clone() for k, v in whole["unet"].state_dict().items()}
+    uninterrupted = _train(whole, latents, captions, recipe, tmp_path / "a" / "checkpoint")
+    encoder_after = whole["text_encoder"].state_dict()
+    assert all(torch.equal(encoder_after[k], v) for k, v in encoder_before.items())
+    assert not all(torch.equal(uninterrupted[k], v) for k, v in unet_before.items())
+
+    # Interrupted after the checkpoint at step 2, then run again from fresh components: the same weights.
+    calls = []
+
+    def interrupt_at_step_3(*args: object) -> None:
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "b" / "checkpoint"
+    monkeypatch.setattr(teacher, "advance", interrupt_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(build_components(recipe, tmp_path / "b"), latents, captions, recipe, checkpoint)
+    monkeypatch.undo()
+    assert checkpoint.exists()
+    resumed = _train(build_components(recipe, tmp_path / "b"), latents, captions, recipe, checkpoint)
+    assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
