@@ -1,6 +1,6 @@
 """Measure the embedded demo teacher: prompt adherence on held-out captions and Fréchet distances.
 
-    python recipes/evaluate_demo_teacher.py [--pipeline PATH] [--count 200] [--guidance 4] [--steps 20]
+    python recipes/evaluate_demo_teacher.py [--pipeline PATH] [--count 200] [--guidance G ...] [--steps 20]
 
 Prints and writes JSON (--json) with adherence per scene kind, three Fréchet distances in the domain
 extractor's feature space: samples vs real images, real vs real (the floor at this sample size) and
