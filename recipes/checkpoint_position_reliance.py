@@ -2,10 +2,9 @@
 
     python recipes/checkpoint_position_reliance.py --work runs/teacher-v2-work [--weights ema|live]
 
-Reads the work folder of `recipes/train_demo_teacher.py` (VAE, denoiser checkpoint, and the text encoder
-when the recipe trains it in a stage of its own; otherwise the checkpoint holds it too) and prints
-`quality.position_reliance` for 32 held-out single scenes at t = 999, 900 and 600: whether the UNet has
-started to read the caption's cell. The pipeline it builds (noise schedule, prediction type) is the
+Reads the work folder of `recipes/train_demo_teacher.py` (VAE, the frozen text encoder, denoiser
+checkpoint) and prints `quality.position_reliance` for 32 held-out single scenes at t = 999, 900 and 600:
+whether the UNet has started to read the caption's cell. The pipeline it builds (noise schedule, prediction type) is the
 checked-out recipe's, so read a run with the code that made it: read with another recipe's schedule, the
 numbers are meaningless. It runs on one thread, so that a training run going on beside it slows down by
 seconds. `--save DIR` also writes the checkpoint as a pipeline folder, to sample from before the run
@@ -35,20 +34,17 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="also write the checkpoint as a pipeline folder here")
     args = parser.parse_args()
     checkpoint = args.work / "denoiser-checkpoint"
-    if not (checkpoint / "state.json").exists():
-        parser.error(f"{args.work} has no denoiser checkpoint yet")
+    if not (checkpoint / "state.json").exists() or not (args.work / "text_encoder").exists():
+        parser.error(f"{args.work} has no text encoder and denoiser checkpoint yet")
     torch.set_num_threads(1)
     parts = build_components(TeacherRecipe(), args.work)
     parts["vae"] = AutoencoderKL.from_pretrained(args.work / "vae")
-    frozen_encoder = (args.work / "text_encoder").exists()
-    if frozen_encoder:
-        parts["text_encoder"] = CLIPTextModel.from_pretrained(args.work / "text_encoder")
-    trained = [*parts["unet"].parameters(), *([] if frozen_encoder else parts["text_encoder"].parameters())]
+    parts["text_encoder"] = CLIPTextModel.from_pretrained(args.work / "text_encoder")
     step = json.loads((checkpoint / "state.json").read_text())["step"]
     tensors = load_file(checkpoint / "state.safetensors")
     prefix = "ema" if args.weights == "ema" else "param"  # the checkpoint's names for the two
     with torch.no_grad():
-        for i, parameter in enumerate(trained):  # the order train_denoiser checkpoints them in
+        for i, parameter in enumerate(parts["unet"].parameters()):  # the order train_denoiser saves them in
             parameter.copy_(tensors[f"{prefix}.{i}"])
     pipe = StableDiffusionPipeline(
         **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
