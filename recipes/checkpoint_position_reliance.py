@@ -4,11 +4,11 @@
 
 Reads the work folder of `recipes/train_demo_teacher.py` (VAE, the frozen text encoder, denoiser
 checkpoint) and prints `quality.position_reliance` for 32 held-out single scenes at t = 999, 900 and 600:
-whether the UNet has started to read the caption's cell. The pipeline it builds (noise schedule, prediction type) is the
-checked-out recipe's, so read a run with the code that made it: read with another recipe's schedule, the
-numbers are meaningless. It runs on one thread, so that a training run going on beside it slows down by
-seconds. `--save DIR` also writes the checkpoint as a pipeline folder, to sample from before the run
-ends.
+whether the UNet has started to read the caption's cell. The pipeline it builds (noise schedule,
+prediction type) is the checked-out recipe's, so read a run with the code that made it: read with another
+recipe's schedule, the numbers are meaningless. It runs on one thread, so that a training run going on
+beside it slows down by seconds. `--save DIR` also writes the checkpoint as a pipeline folder, to sample
+from before the run ends.
 """
 
 from __future__ import annotations
