@@ -3,6 +3,7 @@
 python benchmarks/tables.py profile docs/profile-sd15.json
 python benchmarks/tables.py eval runs/eval/eval.json
 python benchmarks/tables.py teacher docs/demo-teacher-quality.json
+python benchmarks/tables.py noised docs/demo-teacher-from-noised-scenes.json
 python benchmarks/tables.py end-to-end docs/end-to-end-demo.json
 """
 
@@ -12,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from deltaconv_cli.demo.domain import FAILURES
 from deltaconv_cli.runtime import human_bytes, human_count
 
 MIXERS = ("attention", "deltaconv", "linfusion")
@@ -107,6 +109,14 @@ def eval_table(report: dict) -> str:
     return "\n".join([*lines, _table(header, rows)])
 
 
+_FACT_COUNTS = ("facts", "hold", *FAILURES)
+_FACT_HEADINGS = ["facts", "hold", *(f"failed: {reason}" for reason in FAILURES)]
+
+
+def _fact_cells(result: dict) -> list[str]:
+    return [str(result["failed_facts"][k]) for k in _FACT_COUNTS]
+
+
 def teacher_table(results: list[dict]) -> str:
     kinds = [k for k in results[0]["adherence"] if k != "all"]
     header = ["guidance", "adherence", *(f"adherence: {k}" for k in kinds)]
@@ -119,10 +129,17 @@ def teacher_table(results: list[dict]) -> str:
         cells += [_fmt(named.get(k), ".2f") for k in ("drawn", "in_named_cell")]
         cells += [f"{r[k]:.0f}" for k in ("fd_samples_vs_real", "fd_real_vs_real", "fd_between_domains")]
         rows.append(cells)
-    table = _table(header, rows)
+    tables = [_table(header, rows)]
+    failed = [(f"samples, guidance {r['guidance']:g}", r) for r in results if "failed_facts" in r]
+    if "vae_reconstruction" in results[0]:  # the same for every guidance; absent from older results
+        failed.append(("the real scenes through the VAE", results[0]["vae_reconstruction"]))
+    if failed:  # absent from results measured before it existed
+        header = ["images", "adherence", *_FACT_HEADINGS]
+        rows = [[name, f"{r['adherence']['all']:.3f}", *_fact_cells(r)] for name, r in failed]
+        tables.append(_table(header, rows))
     reliance = results[0].get("position_reliance")  # the same for every guidance; absent from older results
     if reliance is None:
-        return table
+        return "\n\n".join(tables)
     header = ["timestep", "x0 error, own caption", "x0 error, object moved", "moved / own"]
     rows = [
         [
@@ -133,7 +150,16 @@ def teacher_table(results: list[dict]) -> str:
         ]
         for t, e in reliance.items()
     ]
-    return table + "\n\n" + _table(header, rows)
+    return "\n\n".join([*tables, _table(header, rows)])
+
+
+def noised_table(results: list[dict]) -> str:
+    """recipes/adherence_from_noised_scenes.py: adherence and failed facts by where sampling starts."""
+    kinds = list(results[0]["adherence"])
+    header = ["strength", "sampling starts at t", *(f"adherence: {k}" for k in kinds), *_FACT_HEADINGS]
+    rows = [[f"{r['strength']:g}", str(r["start_timestep"]), *(f"{r['adherence'][k]:.3f}" for k in kinds),
+             *_fact_cells(r)] for r in results]  # fmt: skip
+    return _table(header, rows)
 
 
 def end_to_end_table(report: dict) -> str:
@@ -168,6 +194,7 @@ TABLES = {
     "profile": profile_table,
     "eval": eval_table,
     "teacher": teacher_table,
+    "noised": noised_table,
     "end-to-end": end_to_end_table,
 }
 

@@ -5,7 +5,10 @@
 Prints and writes JSON (--json) with adherence per scene kind, three Fréchet distances in the domain
 extractor's feature space: samples vs real images, real vs real (the floor at this sample size) and
 between two different domains (single-object scenes vs counting scenes), and how much the denoiser relies
-on the captions' position words (quality.position_reliance). --grid writes a sample grid.
+on the captions' position words (quality.position_reliance). Each result also says which of the captions'
+facts fail and why (quality.failed_facts), and how well the VAE's reconstructions of the real scenes
+behind those captions adhere (quality.reconstruction_adherence: the ceiling its samples decode to).
+--grid writes a sample grid.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ import json
 from pathlib import Path
 
 from deltaconv_cli.demo.extractor import DomainFeatureExtractor
-from deltaconv_cli.demo.quality import HELD_OUT_SEED, generator_quality, position_reliance, real_images
+from deltaconv_cli.demo.quality import (
+    HELD_OUT_SEED,
+    generator_quality,
+    position_reliance,
+    real_images,
+    reconstruction_adherence,
+)
 from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
 from deltaconv_cli.imaging import save_grid
 from deltaconv_cli.loading import demo_path, load_model, locate_model
@@ -35,11 +44,12 @@ def main() -> None:
     pipe = load_model(locate_model(args.pipeline))
     pipe.set_progress_bar_config(disable=True)
     extractor = DomainFeatureExtractor.from_pretrained(args.extractor or demo_path("extractor")).eval()
-    reliance = position_reliance(pipe)
+    reliance, reconstruction = position_reliance(pipe), reconstruction_adherence(pipe, args.count)
     results = []
     for guidance in args.guidance:
         quality = generator_quality(pipe, extractor, args.count, args.steps, guidance)
         quality["position_reliance"] = reliance
+        quality["vae_reconstruction"] = reconstruction
         samples, captions = quality.pop("samples"), quality.pop("sample_captions")
         print(json.dumps(quality), flush=True)
         results.append(quality)

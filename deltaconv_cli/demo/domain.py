@@ -10,7 +10,8 @@ A scene is a light background with one to four objects on a 3 x 3 grid of cells.
 
 ``count`` and ``mirror`` depend on distant parts of the image agreeing, where removing global attention
 could hurt. The checker reads the rules back from the pixels (colour classes, connected components,
-cells, shape by fill ratio, mirror agreement) and scores an image against its caption in [0, 1].
+cells, shape by fill ratio, mirror agreement) and scores an image against its caption in [0, 1], naming
+why each fact that fails does (:func:`facts`).
 """
 
 from __future__ import annotations
@@ -230,24 +231,57 @@ def detect_objects(image: np.ndarray) -> list[Detected]:
     return found
 
 
-def check(image: np.ndarray, caption: str) -> float:
-    """Prompt adherence of ``image`` to ``caption`` in [0, 1]: the share of the caption's facts that hold.
+# Why a fact fails, in the order :func:`facts` tries them for a named object.
+FAILURES = (
+    "wrong shape",  # the named colour in the named cell, as another shape
+    "wrong colour",  # the named shape in the named cell, in another colour
+    "wrong cell",  # the named colour and shape, in another cell
+    "not drawn",  # none of these
+    "wrong number",  # count/mirror: not exactly the named number of the named colour and shape
+    "not mirrored",  # mirror: the two are not in one row at the outer columns
+    "extra objects",  # more objects than the caption names
+    "missing objects",  # fewer objects than the caption names
+)
+
+
+def _missing_object_reason(wanted: SceneObject, found: list[Detected]) -> str:
+    in_cell = [d for d in found if d.cell == wanted.cell]
+    if any(d.color == wanted.color for d in in_cell):
+        return "wrong shape"
+    if any(d.shape == wanted.shape for d in in_cell):
+        return "wrong colour"
+    if any((d.color, d.shape) == (wanted.color, wanted.shape) for d in found):
+        return "wrong cell"
+    return "not drawn"
+
+
+def facts(image: np.ndarray, caption: str) -> list[tuple[bool, str]]:
+    """Each fact of ``caption`` checked on ``image``: whether it holds, and why it fails if it does not.
 
     Facts: each named object is there (colour, shape, and cell where the caption names one); the exact
     number of objects; for ``mirror``, the two objects share a row at the left and right columns.
     """
     kind, wanted = parse_caption(caption)
     found = detect_objects(image)
-    facts: list[bool] = []
+    result: list[tuple[bool, str]] = []
     if kind in ("single", "pair"):
         for w in wanted:
-            facts.append(any((d.color, d.shape, d.cell) == (w.color, w.shape, w.cell) for d in found))
+            there = any((d.color, d.shape, d.cell) == (w.color, w.shape, w.cell) for d in found)
+            result.append((there, "" if there else _missing_object_reason(w, found)))
     else:
         matching = [d for d in found if (d.color, d.shape) == (wanted[0].color, wanted[0].shape)]
-        facts.append(len(matching) == len(wanted))
+        result.append((len(matching) == len(wanted), "wrong number"))
         if kind == "mirror":
             rows = {d.cell // GRID for d in matching}
             cols = sorted(d.cell % GRID for d in matching)
-            facts.append(len(matching) == 2 and len(rows) == 1 and cols == [0, GRID - 1])
-    facts.append(len(found) == len(wanted))
-    return sum(facts) / len(facts)
+            result.append((len(matching) == 2 and len(rows) == 1 and cols == [0, GRID - 1], "not mirrored"))
+    total = "extra objects" if len(found) > len(wanted) else "missing objects"
+    result.append((len(found) == len(wanted), total))
+    return [(holds, "" if holds else reason) for holds, reason in result]
+
+
+def check(image: np.ndarray, caption: str) -> float:
+    """Prompt adherence of ``image`` to ``caption`` in [0, 1]: the share of the caption's :func:`facts`
+    that hold."""
+    checked = facts(image, caption)
+    return sum(holds for holds, _ in checked) / len(checked)

@@ -70,6 +70,39 @@ def placed_objects(images: Sequence[np.ndarray], captions: Sequence[str]) -> dic
     return {"objects": len(drawn), "drawn": float(np.mean(drawn)), "in_named_cell": float(np.mean(placed))}
 
 
+def failed_facts(images: Sequence[np.ndarray], captions: Sequence[str]) -> dict[str, int]:
+    """How many of the captions' facts (``domain.facts``) hold, and how many fail for each reason in
+    ``domain.FAILURES``: where the adherence that :func:`adherence_by_kind` averages is lost."""
+    pairs = zip(images, captions, strict=True)
+    checked = [fact for image, caption in pairs for fact in domain.facts(image, caption)]
+    reasons = [reason for holds, reason in checked if not holds]
+    return {"facts": len(checked), "hold": len(checked) - len(reasons)} | {
+        reason: reasons.count(reason) for reason in domain.FAILURES
+    }
+
+
+@torch.no_grad()
+def reconstruction_adherence(pipe: Any, count: int = 200, seed: int = HELD_OUT_SEED) -> dict[str, Any]:
+    """Adherence of the pipeline's VAE reconstructions (encode, decode) of the real held-out scenes whose
+    captions :func:`generator_quality` samples: the most a sample decoded by this VAE can be expected to
+    score, and which facts the VAE alone already breaks."""
+    from ..conditioning import latent_posterior
+    from ..imaging import to_uint8
+    from .teacher import to_tensor
+
+    scenes = [domain.make_scene(seed, i) for i in range(count)]
+    reconstructions = []
+    for start in range(0, count, 50):
+        images = to_tensor(np.stack([domain.render(s) for s in scenes[start : start + 50]]))
+        decoded = pipe.vae.decode(latent_posterior(pipe, images).mode()).sample.float()
+        reconstructions += [to_uint8(x) for x in (decoded / 2 + 0.5).permute(0, 2, 3, 1).cpu().numpy()]
+    captions, kinds = [s.caption for s in scenes], [s.kind for s in scenes]
+    return {
+        "adherence": adherence_by_kind(reconstructions, captions, kinds),
+        "failed_facts": failed_facts(reconstructions, captions),
+    }
+
+
 def with_cell_moved(caption: str, step: int) -> str:
     """A ``single`` caption with its object moved ``step`` cells on (row-major, wrapping)."""
     kind, objects = domain.parse_caption(caption)
@@ -147,6 +180,7 @@ def generator_quality(
         "guidance": guidance,
         "adherence": adherence_by_kind(samples, captions, kinds),
         "named_objects": placed_objects(samples, captions),
+        "failed_facts": failed_facts(samples, captions),
         "fd_samples_vs_real": frechet(extractor, samples, reference),
         "fd_real_vs_real": frechet(extractor, real_images(REFERENCE_SEED + 1, count), reference),
         "fd_between_domains": frechet(
