@@ -23,8 +23,13 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
-from deltaconv_cli.demo import domain
-from deltaconv_cli.demo.quality import HELD_OUT_SEED, adherence_by_kind, failed_facts
+from deltaconv_cli.demo.quality import (
+    HELD_OUT_SEED,
+    adherence_by_kind,
+    failed_facts,
+    held_out_captions,
+    real_images,
+)
 from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
 from deltaconv_cli.imaging import to_uint8
 from deltaconv_cli.loading import load_model, locate_model
@@ -48,9 +53,8 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler.set_timesteps(RECOMMENDED_STEPS)
     schedule = pipe.scheduler.timesteps.tolist()
-    scenes = [domain.make_scene(HELD_OUT_SEED, i) for i in range(args.count)]
-    captions, kinds = [s.caption for s in scenes], [s.kind for s in scenes]
-    reals = [Image.fromarray(domain.render(s)) for s in scenes]
+    captions, kinds = held_out_captions(args.count)
+    reals = [Image.fromarray(image) for image in real_images(HELD_OUT_SEED, args.count)]
     results = []
     for strength in args.strength:
         images: list[np.ndarray] = []

@@ -90,13 +90,13 @@ def reconstruction_adherence(pipe: Any, count: int = 200, seed: int = HELD_OUT_S
     from ..imaging import to_uint8
     from .teacher import to_tensor
 
-    scenes = [domain.make_scene(seed, i) for i in range(count)]
+    captions, kinds = held_out_captions(count, seed)
+    reals = real_images(seed, count)  # the scenes those captions were drawn from
     reconstructions = []
     for start in range(0, count, 50):
-        images = to_tensor(np.stack([domain.render(s) for s in scenes[start : start + 50]]))
+        images = to_tensor(np.stack(reals[start : start + 50]))
         decoded = pipe.vae.decode(latent_posterior(pipe, images).mode()).sample.float()
         reconstructions += [to_uint8(x) for x in (decoded / 2 + 0.5).permute(0, 2, 3, 1).cpu().numpy()]
-    captions, kinds = [s.caption for s in scenes], [s.kind for s in scenes]
     return {
         "adherence": adherence_by_kind(reconstructions, captions, kinds),
         "failed_facts": failed_facts(reconstructions, captions),
