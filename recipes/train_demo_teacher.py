@@ -1,6 +1,10 @@
 """Train the embedded demo teacher and its feature extractor (about 85 minutes on a 2-core CPU).
 
     python recipes/train_demo_teacher.py [--out deltaconv_cli/assets/demo] [--work DIR] [--seed 0]
+        [--set KEY=VALUE ...]
+
+--set changes any setting of TeacherRecipe (deltaconv_cli/demo/teacher.py), e.g. recipe 7 of BENCHMARKS.md:
+--set vae_steps=600 --set vae_object_weight=10 --set mirror_class=true.
 
 Reproducible from the seed. Finished stages (data, VAE, latents, denoiser checkpoints every 300
 steps, extractor) are kept in a work folder (--work; default next to OUT), so an interrupted run
@@ -11,11 +15,37 @@ many times over.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 from deltaconv_cli.demo.teacher import TeacherRecipe, train_teacher
+from deltaconv_cli.errors import DeltaConvError
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "deltaconv_cli" / "assets" / "demo"
+
+
+def recipe_setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` for a TeacherRecipe field (but the seed and steps, which have their own options), the
+    value (JSON) of the field's type."""
+    own_options = ("seed", "steps")
+    defaults = {f.name: f.default for f in dataclasses.fields(TeacherRecipe) if f.name not in own_options}
+    key, _, raw = text.partition("=")
+    if key not in defaults:
+        raise argparse.ArgumentTypeError(f"KEY=VALUE with KEY one of {', '.join(defaults)}; got {text!r}")
+    default = defaults[key]
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if isinstance(default, tuple) and isinstance(value, list):
+        value = tuple(value)
+    elif isinstance(default, float) and type(value) is int:
+        value = float(value)
+    if type(value) is not type(default):
+        raise argparse.ArgumentTypeError(f"{key} takes a value like {json.dumps(default)}; got {raw!r}")
+    return key, value
 
 
 def main() -> None:
@@ -25,8 +55,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, help="finished stages (default: .OUT-work beside OUT)")
     parser.add_argument("--steps", type=int, default=TeacherRecipe.steps, help="denoiser training steps")
+    parser.add_argument("--set", type=recipe_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="any other TeacherRecipe setting (repeatable)")  # fmt: skip
     args = parser.parse_args()
-    train_teacher(args.out, TeacherRecipe(seed=args.seed, steps=args.steps), work=args.work)
+    recipe = TeacherRecipe(seed=args.seed, steps=args.steps, **dict(args.set))
+    try:
+        train_teacher(args.out, recipe, work=args.work)
+    except DeltaConvError as error:
+        parser.exit(1, f"train_demo_teacher.py: {error}\n")
     print(f"wrote {args.out / 'pipeline'} and {args.out / 'extractor'}")
 
 

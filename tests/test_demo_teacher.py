@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 from deltaconv_cli.demo import domain, teacher
 from deltaconv_cli.demo.teacher import (
+    MIRRORED,
     NO_CELL,
     TeacherRecipe,
     build_components,
@@ -16,6 +19,7 @@ from deltaconv_cli.demo.teacher import (
     train_denoiser,
     train_text_encoder,
 )
+from deltaconv_cli.errors import DeltaConvError
 from deltaconv_cli.progress import progress_bar
 
 RED, BLUE, GREEN = (list(domain.COLORS).index(c) for c in ("red", "blue", "green"))
@@ -31,10 +35,14 @@ def test_phrase_facts_name_each_object_phrase_at_its_last_word():
     )
     assert phrase_facts("three green triangles") == ([3], [(GREEN, TRIANGLE, NO_CELL, 2)])
     assert phrase_facts("two blue squares mirrored") == ([4], [(BLUE, SQUARE, NO_CELL, 1)])
+    # With mirror_class a mirror phrase says what sets it apart from the count phrase "two blue squares".
+    assert phrase_facts("two blue squares mirrored", True) == ([4], [(BLUE, SQUARE, MIRRORED, 1)])
+    assert phrase_facts("two blue squares", True) == ([3], [(BLUE, SQUARE, NO_CELL, 1)])
 
 
-def test_text_encoder_stage_makes_the_cell_of_each_object_readable(tmp_path: Path):
-    recipe = TeacherRecipe(text_steps=300)
+@pytest.mark.parametrize("mirror_class", [False, True])
+def test_text_encoder_stage_makes_the_cell_of_each_object_readable(tmp_path: Path, mirror_class: bool):
+    recipe = TeacherRecipe(text_steps=300, mirror_class=mirror_class)
     parts = build_components(recipe, tmp_path)
     captions = [domain.make_scene(0, i).caption for i in range(4000)]
     held_out = [domain.make_scene(1, i).caption for i in range(500)]
@@ -82,3 +90,14 @@ def test_unet_stage_keeps_the_text_encoder_frozen_and_resumes_exactly(tmp_path: 
     assert checkpoint.exists()
     resumed = _train(build_components(recipe, tmp_path / "b"), latents, captions, recipe, checkpoint)
     assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
+
+
+def test_a_work_folder_of_another_recipe_is_refused_before_any_stage_runs(tmp_path: Path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "recipe.json").write_text(json.dumps(asdict(TeacherRecipe(vae_steps=600, mirror_class=True))))
+    with pytest.raises(
+        DeltaConvError, match=r"holds stages of another recipe \(vae_steps, mirror_class differ\)"
+    ):
+        teacher.train_teacher(tmp_path / "out", TeacherRecipe(), work=work)
+    assert sorted(p.name for p in work.iterdir()) == ["recipe.json"] and not (tmp_path / "out").exists()

@@ -37,6 +37,7 @@ from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..errors import DeltaConvError
 from ..progress import advance, progress_bar
 from . import domain
 from .extractor import train_extractor
@@ -73,9 +74,11 @@ class TeacherRecipe:
     vae_steps: int = 800
     vae_batch: int = 16
     vae_lr: float = 1e-3
+    vae_object_weight: float = 1.0  # of object (saturated) pixels in the VAE loss; the background's is 1
     text_steps: int = 1000
     text_batch: int = 64
     text_lr: float = 1e-3
+    mirror_class: bool = False  # the text encoder's auxiliary task gives mirror phrases their own cell class
     steps: int = 2100
     batch: int = 16
     lr: float = 6e-4
@@ -171,7 +174,13 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, recipe: TeacherRecipe, pro
         x = to_tensor(images[index.numpy()])
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        # Objects cover a small share of the pixels: weighted like the background, the VAE learns their
+        # colours late and decodes blue partly cyan (BENCHMARKS.md, section 1).
+        saturated = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) > 0.4
+        weight = 1 + (recipe.vae_object_weight - 1) * saturated.float()
+        error = recon - x
+        pixel_loss = (weight * (error.square() + 0.5 * error.abs())).mean() / weight.mean()
+        loss = pixel_loss + 1e-6 * posterior.kl().mean()
         loss.backward()
         for group in optimizer.param_groups:  # cosine decay to 10 %
             group["lr"] = recipe.vae_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / recipe.vae_steps)))
@@ -198,15 +207,22 @@ def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
 
 
 IGNORE = -100  # cross-entropy's ignore index: a caption with one object phrase has no second target
-NO_CELL = domain.GRID * domain.GRID  # the cell class of count and mirror phrases, which name none
+NO_CELL = domain.GRID * domain.GRID  # the cell class of count phrases (and mirror phrases), which name none
+# With ``mirror_class``, the cell class of mirror phrases (the outer cells of one row). Without it a mirror
+# phrase ("two red squares mirrored") and a two-object count phrase ("two red squares") state the same
+# facts, nothing asks the encoder to keep them apart, and the UNet draws both alike (BENCHMARKS.md).
+MIRRORED = NO_CELL + 1
 
 
-def phrase_facts(caption: str) -> tuple[list[int], list[tuple[int, int, int, int]]]:
+PhraseFacts = tuple[int, int, int, int]  # colour, shape, cell, number of objects - 1
+
+
+def phrase_facts(caption: str, mirror_class: bool = False) -> tuple[list[int], list[PhraseFacts]]:
     """Where each object phrase of ``caption`` ends (token index, BOS counted) and what it says.
 
-    A phrase's facts are (colour, shape, cell or NO_CELL, number of objects - 1). The tokenizer spells
-    every word as one token, so word ``i`` is token ``i + 1``; a causal encoder's state at a phrase's last
-    word has seen the whole phrase.
+    The cell is NO_CELL where the phrase names none (MIRRORED for mirror phrases with ``mirror_class``).
+    The tokenizer spells every word as one token, so word ``i`` is token ``i + 1``; a causal encoder's
+    state at a phrase's last word has seen the whole phrase.
     """
     kind, objects = domain.parse_caption(caption)
     words = caption.split()
@@ -215,31 +231,33 @@ def phrase_facts(caption: str) -> tuple[list[int], list[tuple[int, int, int, int
         ends = [len(words)] if kind == "single" else [words.index("and"), len(words)]
         facts = [(colours.index(o.color), domain.SHAPES.index(o.shape), o.cell, 0) for o in objects]
     else:
-        first = objects[0]
+        first, cell = objects[0], MIRRORED if mirror_class and kind == "mirror" else NO_CELL
         ends = [len(words)]
-        facts = [(colours.index(first.color), domain.SHAPES.index(first.shape), NO_CELL, len(objects) - 1)]
+        facts = [(colours.index(first.color), domain.SHAPES.index(first.shape), cell, len(objects) - 1)]
     return ends, facts
 
 
 class PhraseProbe(torch.nn.Module):
     """Linear heads that read an object phrase's facts from the text encoder's state at its last word."""
 
-    CLASSES = (len(domain.COLORS), len(domain.SHAPES), NO_CELL + 1, max(domain.NUMBERS))
+    FACTS = ("colour", "shape", "cell", "number")
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, mirror_class: bool = False) -> None:
         super().__init__()
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, n) for n in self.CLASSES)
+        cells = (MIRRORED if mirror_class else NO_CELL) + 1
+        classes = (len(domain.COLORS), len(domain.SHAPES), cells, max(domain.NUMBERS))
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, n) for n in classes)
 
     def forward(self, states: torch.Tensor) -> list[torch.Tensor]:
         return [head(states) for head in self.heads]
 
 
-def _phrase_targets(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _phrase_targets(captions: list[str], mirror_class: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Phrase-end token indices ``(N, 2)`` and their facts ``(N, 2, 4)``, IGNORE where a caption has one."""
     ends = torch.zeros(len(captions), 2, dtype=torch.long)
-    facts = torch.full((len(captions), 2, len(PhraseProbe.CLASSES)), IGNORE, dtype=torch.long)
+    facts = torch.full((len(captions), 2, len(PhraseProbe.FACTS)), IGNORE, dtype=torch.long)
     for i, caption in enumerate(captions):
-        caption_ends, caption_facts = phrase_facts(caption)
+        caption_ends, caption_facts = phrase_facts(caption, mirror_class)
         ends[i, : len(caption_ends)] = torch.tensor(caption_ends)
         facts[i, : len(caption_facts)] = torch.tensor(caption_facts)
     return ends, facts
@@ -261,11 +279,11 @@ def train_text_encoder(
     Returns the linear heads' accuracy per fact on ``held_out`` captions.
     """
     tokenize = partial(token_ids, tokenizer)
-    probe = PhraseProbe(text_encoder.config.hidden_size)
+    probe = PhraseProbe(text_encoder.config.hidden_size, recipe.mirror_class)
     params = [*text_encoder.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=recipe.text_lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(recipe.seed + 2)
-    ids, (ends, facts) = tokenize(captions), _phrase_targets(captions)
+    ids, (ends, facts) = tokenize(captions), _phrase_targets(captions, recipe.mirror_class)
 
     def logits(batch_ids: torch.Tensor, batch_ends: torch.Tensor) -> list[torch.Tensor]:
         states = text_encoder(batch_ids)[0]
@@ -286,11 +304,11 @@ def train_text_encoder(
         optimizer.zero_grad(set_to_none=True)
         advance(progress, task, f"loss {loss.item():.4f}")
     text_encoder.eval()
-    held_ends, held_facts = _phrase_targets(held_out)
+    held_ends, held_facts = _phrase_targets(held_out, recipe.mirror_class)
     with torch.no_grad():
         outputs = logits(tokenize(held_out), held_ends)
     accuracy = {}
-    for k, name in enumerate(("colour", "shape", "cell", "number")):
+    for k, name in enumerate(PhraseProbe.FACTS):
         named = held_facts[..., k] != IGNORE
         accuracy[name] = float((outputs[k].argmax(-1) == held_facts[..., k])[named].float().mean())
     return accuracy
@@ -408,11 +426,23 @@ def _load_denoiser_checkpoint(folder: Path, params: list, ema: EMAModel, optimiz
 
 def train_teacher(out: Path, recipe: TeacherRecipe | None = None, work: Path | None = None) -> Path:
     """Train the demo teacher and its feature extractor; write the pipeline to ``out/pipeline`` and the
-    extractor to ``out/extractor``. Finished stages are kept in ``work`` and skipped on a rerun."""
+    extractor to ``out/extractor``. Finished stages are kept in ``work`` and skipped on a rerun of the
+    same recipe; a work folder started with another recipe is refused rather than mixed in."""
     recipe = recipe or TeacherRecipe()
     out = Path(out)
     work = Path(work) if work else out.parent / f".{out.name}-work"
+    settings = json.loads(json.dumps(asdict(recipe)))  # tuples as JSON lists, as written
+    recorded = work / "recipe.json"
+    if recorded.exists():
+        earlier = json.loads(recorded.read_text())
+        changed = [key for key, value in settings.items() if earlier.get(key) != value]
+        if changed:
+            raise DeltaConvError(
+                f"{work} holds stages of another recipe ({', '.join(changed)} differ); "
+                "give another --work or delete it"
+            )
     work.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(settings, indent=2) + "\n")
     parts = build_components(recipe, work)
     with progress_bar() as progress:
         data_file = work / "data.npz"
