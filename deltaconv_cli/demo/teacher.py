@@ -207,7 +207,7 @@ def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
 
 
 IGNORE = -100  # cross-entropy's ignore index: a caption with one object phrase has no second target
-NO_CELL = domain.GRID * domain.GRID  # the cell class of count phrases (and mirror phrases), which name none
+NO_CELL = domain.GRID * domain.GRID  # the cell class of phrases that name none (count, mirror)
 # With ``mirror_class``, the cell class of mirror phrases (the outer cells of one row). Without it a mirror
 # phrase ("two red squares mirrored") and a two-object count phrase ("two red squares") state the same
 # facts, nothing asks the encoder to keep them apart, and the UNet draws both alike (BENCHMARKS.md).
