@@ -495,5 +495,5 @@ def train_teacher(out: Path, recipe: TeacherRecipe | None = None, work: Path | N
     for name in ("pipeline", "extractor"):
         shutil.rmtree(out / name, ignore_errors=True)
         shutil.copytree(work / name, out / name)
-    (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
+    shutil.copyfile(recorded, out / "recipe.json")
     return out
