@@ -74,7 +74,7 @@ def show(rendered: list[Any]) -> None:
         console.print(item, highlight=False)
 
 
-def write_json(target: Path | None, data: dict[str, Any]) -> None:
+def write_json(target: Path | None, data: dict[str, Any] | list[Any]) -> None:
     if target is None:
         return
     text = json.dumps(data, indent=2)

@@ -23,6 +23,7 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
+from deltaconv_cli.cli import write_json
 from deltaconv_cli.demo.quality import (
     HELD_OUT_SEED,
     adherence_by_kind,
@@ -33,6 +34,7 @@ from deltaconv_cli.demo.quality import (
 from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
 from deltaconv_cli.imaging import to_uint8
 from deltaconv_cli.loading import load_model, locate_model
+from deltaconv_cli.recipes.recipe_cli import run
 
 BATCH = 8
 
@@ -80,10 +82,8 @@ def main() -> None:
         }
         print(json.dumps(result), flush=True)
         results.append(result)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

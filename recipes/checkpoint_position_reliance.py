@@ -24,6 +24,7 @@ from transformers import CLIPTextModel
 
 from deltaconv_cli.demo.quality import position_reliance
 from deltaconv_cli.demo.teacher import TeacherRecipe, build_components
+from deltaconv_cli.recipes.recipe_cli import run
 
 
 def main() -> None:
@@ -34,10 +35,11 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="also write the checkpoint as a pipeline folder here")
     args = parser.parse_args()
     checkpoint = args.work / "denoiser-checkpoint"
-    if not (checkpoint / "state.json").exists() or not (args.work / "text_encoder").exists():
-        parser.error(f"{args.work} has no text encoder and denoiser checkpoint yet")
+    needed = (args.work / "recipe.json", args.work / "text_encoder", checkpoint / "state.json")
+    if not all(path.exists() for path in needed):
+        parser.error(f"{args.work} has no recipe, text encoder and denoiser checkpoint yet")
     torch.set_num_threads(1)
-    parts = build_components(TeacherRecipe(), args.work)
+    parts = build_components(TeacherRecipe.read(args.work / "recipe.json"), args.work)
     parts["vae"] = AutoencoderKL.from_pretrained(args.work / "vae")
     parts["text_encoder"] = CLIPTextModel.from_pretrained(args.work / "text_encoder")
     step = json.loads((checkpoint / "state.json").read_text())["step"]
@@ -59,4 +61,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

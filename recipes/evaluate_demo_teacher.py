@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from deltaconv_cli.cli import write_json
 from deltaconv_cli.demo.extractor import DomainFeatureExtractor
 from deltaconv_cli.demo.quality import (
     HELD_OUT_SEED,
@@ -26,8 +27,10 @@ from deltaconv_cli.demo.quality import (
     reconstruction_adherence,
 )
 from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
+from deltaconv_cli.errors import DeltaConvError
 from deltaconv_cli.imaging import save_grid
 from deltaconv_cli.loading import demo_path, load_model, locate_model
+from deltaconv_cli.recipes.recipe_cli import run
 
 
 def main() -> None:
@@ -41,9 +44,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--grid", type=Path, default=None, help="PNG: 16 captions, real scene and sample")
     args = parser.parse_args()
+    extractor_folder = args.extractor or demo_path("extractor")
+    if not (extractor_folder / "config.json").is_file():
+        raise DeltaConvError(f"{extractor_folder} is not a feature extractor folder: it has no config.json")
     pipe = load_model(locate_model(args.pipeline))
     pipe.set_progress_bar_config(disable=True)
-    extractor = DomainFeatureExtractor.from_pretrained(args.extractor or demo_path("extractor")).eval()
+    extractor = DomainFeatureExtractor.from_pretrained(extractor_folder).eval()
     reliance, reconstruction = position_reliance(pipe), reconstruction_adherence(pipe, args.count)
     results = []
     for guidance in args.guidance:
@@ -58,10 +64,8 @@ def main() -> None:
             reals = real_images(HELD_OUT_SEED, 16)
             rows = [[real, sample] for real, sample in zip(reals, samples[:16], strict=True)]
             save_grid(rows, args.grid, ["real scene", "teacher sample"], captions[:16], scale=2)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -15,18 +15,19 @@ middle third and count scenes about a third; a denoiser that draws mirror captio
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from deltaconv_cli.cli import write_json
 from deltaconv_cli.conditioning import encode_prompts, predict
 from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.quality import clean_latents
 from deltaconv_cli.demo.teacher import to_tensor
 from deltaconv_cli.loading import load_model, locate_model
+from deltaconv_cli.recipes.recipe_cli import run
 
 CAPTIONS = {
     "two mirrored": "two {color} {shape}s mirrored",
@@ -92,9 +93,8 @@ def main() -> None:
     for name, shares in result.items():
         teacher, real = (" / ".join(f"{x:.3f}" for x in shares[k]) for k in ("teacher", "real"))
         print(f"{name:<14} {teacher:<32} {real}")
-    if args.json:
-        args.json.write_text(json.dumps({"pipeline": args.pipeline, "columns": result}, indent=2) + "\n")
+    write_json(args.json, {"pipeline": args.pipeline, "columns": result})
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -25,6 +25,7 @@ from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.quality import HELD_OUT_SEED, with_cell_moved
 from deltaconv_cli.demo.teacher import to_tensor
 from deltaconv_cli.loading import load_model, locate_model
+from deltaconv_cli.recipes.recipe_cli import run
 
 COUNT = 32
 
@@ -68,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -15,7 +15,6 @@ cores slow each other down many times over.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from deltaconv_cli.cli import write_json
 from deltaconv_cli.conditioning import latent_posterior
 from deltaconv_cli.demo.quality import clean_latents, position_reliance
 from deltaconv_cli.demo.teacher import render_dataset, to_tensor, token_ids
 from deltaconv_cli.loading import load_model, locate_model
+from deltaconv_cli.recipes.recipe_cli import run
 
 
 def main() -> None:
@@ -90,8 +91,8 @@ def main() -> None:
         settings = {**vars(args), "out": str(args.out), "json": str(args.json)}
         seconds = time.perf_counter() - start
         result = {"settings": settings, "seconds": seconds, "before": before, "after": after}
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -37,7 +37,6 @@ Run it alone: two PyTorch processes on two cores slow each other down many times
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from diffusers import DDPMScheduler
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from deltaconv_cli.cli import write_json
 from deltaconv_cli.conditioning import latent_posterior
 from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.quality import HELD_OUT_SEED, clean_latents
@@ -60,6 +60,7 @@ from deltaconv_cli.demo.teacher import (
     token_ids,
 )
 from deltaconv_cli.loading import load_model, locate_model
+from deltaconv_cli.recipes.recipe_cli import run
 
 VARIANTS = ("oracle", "colour-shape", "clip2", "clip2-aux", "clip2-aux-frozen", "clip4")
 DEFAULT_VARIANTS = ("oracle", "colour-shape", "clip2", "clip2-aux")
@@ -234,8 +235,8 @@ def main() -> None:
               f"({r['seconds']:.0f} s){aux}")  # fmt: skip
     if args.json:
         settings = {**vars(args), "scratch": str(args.scratch), "json": str(args.json)}
-        args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
+        write_json(args.json, {"settings": settings, "results": results})
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deltaconv_cli.demo.teacher import TeacherRecipe, train_teacher
-from deltaconv_cli.errors import DeltaConvError
+from deltaconv_cli.recipes.recipe_cli import run
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "deltaconv_cli" / "assets" / "demo"
 
@@ -59,12 +59,9 @@ def main() -> None:
                         help="any other TeacherRecipe setting (repeatable)")  # fmt: skip
     args = parser.parse_args()
     recipe = TeacherRecipe(seed=args.seed, steps=args.steps, **dict(args.set))
-    try:
-        train_teacher(args.out, recipe, work=args.work)
-    except DeltaConvError as error:
-        parser.exit(1, f"train_demo_teacher.py: {error}\n")
+    train_teacher(args.out, recipe, work=args.work)
     print(f"wrote {args.out / 'pipeline'} and {args.out / 'extractor'}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -101,3 +103,41 @@ def test_a_work_folder_of_another_recipe_is_refused_before_any_stage_runs(tmp_pa
     ):
         teacher.train_teacher(tmp_path / "out", TeacherRecipe(), work=work)
     assert sorted(p.name for p in work.iterdir()) == ["recipe.json"] and not (tmp_path / "out").exists()
+
+
+def test_a_recorded_recipe_reads_back_as_the_recipe_that_wrote_it(tmp_path: Path):
+    recipe = TeacherRecipe(unet_channels=(32, 64, 64), vae_object_weight=3.0, mirror_class=True)
+    (tmp_path / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    assert TeacherRecipe.read(tmp_path / "recipe.json") == recipe
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize(
+    ("script", "arguments", "message"),
+    [
+        (
+            "layout_at_t999.py",
+            ["--pipeline", "{tmp}/missing"],
+            "layout_at_t999.py: no such folder: {tmp}/missing",
+        ),
+        (
+            "evaluate_demo_teacher.py",
+            ["--extractor", "{tmp}"],
+            "evaluate_demo_teacher.py: {tmp} is not a feature extractor folder: it has no config.json",
+        ),
+        (
+            "train_demo_teacher.py",
+            ["--out", "{tmp}/out", "--work", "{tmp}", "--set", "vae_steps=600"],
+            "train_demo_teacher.py: {tmp} holds stages of another recipe (vae_steps differ); "
+            "give another --work or delete it",
+        ),
+    ],
+)
+def test_recipe_scripts_end_a_user_mistake_with_one_line_and_exit_1(tmp_path, script, arguments, message):
+    (tmp_path / "recipe.json").write_text(json.dumps(asdict(TeacherRecipe())))
+    command = [sys.executable, str(RECIPES / script), *(a.format(tmp=tmp_path) for a in arguments)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stderr, done.stdout) == (1, message.format(tmp=tmp_path) + "\n", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.json"]

@@ -93,6 +93,12 @@ class TeacherRecipe:
     unet_channels: tuple[int, int, int] = (48, 96, 96)
     text_width: int = 96
 
+    @classmethod
+    def read(cls, path: Path) -> TeacherRecipe:
+        """The recipe that ``train_teacher`` recorded as ``recipe.json`` in its work and output folders."""
+        settings = json.loads(Path(path).read_text())
+        return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in settings.items()})
+
 
 def build_components(recipe: TeacherRecipe, scratch: Path) -> dict[str, Any]:
     """Untrained pipeline components of the teacher's architecture."""
