@@ -105,8 +105,37 @@ def test_a_work_folder_of_another_recipe_is_refused_before_any_stage_runs(tmp_pa
     assert sorted(p.name for p in work.iterdir()) == ["recipe.json"] and not (tmp_path / "out").exists()
 
 
+def test_a_work_folder_written_before_a_setting_existed_counts_it_at_its_default(tmp_path: Path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    earlier = asdict(TeacherRecipe(mirror_class=True))
+    del earlier["attention_heads"]
+    (work / "recipe.json").write_text(json.dumps(earlier))
+    other_heads = TeacherRecipe(mirror_class=True, attention_heads=(1, 4, 4))
+    with pytest.raises(DeltaConvError, match=r"\(attention_heads differ\)"):
+        teacher.train_teacher(tmp_path / "out", other_heads, work=work)
+
+    def stop(*_: object) -> None:
+        raise RuntimeError("past the recipe check")
+
+    monkeypatch.setattr(teacher, "build_components", stop)
+    with pytest.raises(RuntimeError, match="past the recipe check"):
+        teacher.train_teacher(tmp_path / "out", TeacherRecipe(mirror_class=True), work=work)
+
+
+def test_attention_heads_set_the_heads_of_each_level(tmp_path: Path):
+    unet = build_components(TeacherRecipe(attention_heads=(1, 4, 2)), tmp_path)["unet"]
+    heads = {name: module.heads for name, module in unet.named_modules() if name.endswith(("attn1", "attn2"))}
+    assert {heads[n] for n in heads if n.startswith(("down_blocks.0", "up_blocks.2"))} == {1}
+    assert {heads[n] for n in heads if n.startswith(("down_blocks.1", "up_blocks.1"))} == {4}
+    assert {heads[n] for n in heads if n.startswith("mid_block")} == {2}
+    assert len(heads) == 14  # self- and cross-attention in 7 transformer blocks
+
+
 def test_a_recorded_recipe_reads_back_as_the_recipe_that_wrote_it(tmp_path: Path):
-    recipe = TeacherRecipe(unet_channels=(32, 64, 64), vae_object_weight=3.0, mirror_class=True)
+    recipe = TeacherRecipe(
+        unet_channels=(32, 64, 64), attention_heads=(1, 4, 4), vae_object_weight=3.0, mirror_class=True
+    )
     (tmp_path / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     assert TeacherRecipe.read(tmp_path / "recipe.json") == recipe
 

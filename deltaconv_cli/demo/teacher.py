@@ -91,6 +91,7 @@ class TeacherRecipe:
     extractor_steps: int = 1200
     checkpoint_every: int = 300
     unet_channels: tuple[int, int, int] = (48, 96, 96)
+    attention_heads: tuple[int, int, int] = (1, 1, 1)  # at 32 x 32, at 16 x 16, and in the 8 x 8 middle
     text_width: int = 96
 
     @classmethod
@@ -138,7 +139,9 @@ def build_components(recipe: TeacherRecipe, scratch: Path) -> dict[str, Any]:
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=recipe.text_width,
-        attention_head_dim=1,  # diffusers reads this as the number of heads
+        # diffusers reads this as the number of heads per level (the middle block takes the last); the
+        # third level has no attention
+        attention_head_dim=recipe.attention_heads,
         norm_num_groups=16,
     )
     # Trailing spacing starts sampling at t = 999, the pure noise the zero-SNR schedule trains on.
@@ -440,8 +443,9 @@ def train_teacher(out: Path, recipe: TeacherRecipe | None = None, work: Path | N
     settings = json.loads(json.dumps(asdict(recipe)))  # tuples as JSON lists, as written
     recorded = work / "recipe.json"
     if recorded.exists():
-        earlier = json.loads(recorded.read_text())
-        changed = [key for key, value in settings.items() if earlier.get(key) != value]
+        # A setting added after the folder was written is missing there; its default is what ran.
+        earlier = json.loads(json.dumps(asdict(TeacherRecipe()))) | json.loads(recorded.read_text())
+        changed = [key for key in settings | earlier if earlier.get(key) != settings.get(key)]
         if changed:
             raise DeltaConvError(
                 f"{work} holds stages of another recipe ({', '.join(changed)} differ); "
