@@ -132,6 +132,24 @@ def test_attention_heads_set_the_heads_of_each_level(tmp_path: Path):
     assert len(heads) == 14  # self- and cross-attention in 7 transformer blocks
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"attention_heads": (1, 4)}, "attention_heads takes three whole numbers > 0, got [1, 4]"),
+        ({"unet_channels": (48, 0, 96)}, "unet_channels takes three whole numbers > 0, got [48, 0, 96]"),
+        ({"unet_channels": (40, 96, 96)}, "unet_channels must be multiples of 16, got [40, 96, 96]"),
+        (
+            {"attention_heads": (1, 5, 4)},
+            "attention_heads [1, 5, 4] must divide unet_channels [48, 96, 96] level by level",
+        ),
+    ],
+)
+def test_a_unet_the_recipe_cannot_build_is_refused_with_one_line(settings: dict, message: str):
+    with pytest.raises(DeltaConvError) as refused:
+        TeacherRecipe(**settings)
+    assert str(refused.value) == message
+
+
 def test_a_recorded_recipe_reads_back_as_the_recipe_that_wrote_it(tmp_path: Path):
     recipe = TeacherRecipe(
         unet_channels=(32, 64, 64), attention_heads=(1, 4, 4), vae_object_weight=3.0, mirror_class=True
@@ -155,6 +173,12 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
             "evaluate_demo_teacher.py",
             ["--extractor", "{tmp}"],
             "evaluate_demo_teacher.py: {tmp} is not a feature extractor folder: it has no config.json",
+        ),
+        (
+            "train_demo_teacher.py",
+            ["--out", "{tmp}/out", "--work", "{tmp}/work", "--set", "attention_heads=[1,5,4]"],
+            "train_demo_teacher.py: attention_heads [1, 5, 4] must divide unet_channels [48, 96, 96] "
+            "level by level",
         ),
         (
             "train_demo_teacher.py",

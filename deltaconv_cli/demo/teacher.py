@@ -44,6 +44,7 @@ from .extractor import train_extractor
 from .text import build_clip_tokenizer
 
 TEXT_LENGTH = 24  # tokens; the longest caption has 17 with BOS/EOS
+NORM_GROUPS = 16  # of the UNet's group norms
 RECOMMENDED_STEPS = 20
 RECOMMENDED_GUIDANCE = 2.0  # the best of 1.5, 2 and 3 on held-out captions (BENCHMARKS.md, section 1)
 # SD's scaled-linear betas, rescaled to zero SNR at t = 999 and predicting v (see train_denoiser for why).
@@ -94,6 +95,22 @@ class TeacherRecipe:
     attention_heads: tuple[int, int, int] = (1, 1, 1)  # at 32 x 32, at 16 x 16, and in the 8 x 8 middle
     text_width: int = 96
 
+    def __post_init__(self) -> None:
+        # Checked here, before train_teacher makes a folder: diffusers would only fail on building the UNet.
+        for name in ("unet_channels", "attention_heads"):
+            value = getattr(self, name)
+            if len(value) != 3 or not all(type(v) is int and v > 0 for v in value):
+                raise DeltaConvError(f"{name} takes three whole numbers > 0, got {list(value)}")
+        if any(channels % NORM_GROUPS for channels in self.unet_channels):
+            raise DeltaConvError(
+                f"unet_channels must be multiples of {NORM_GROUPS}, got {list(self.unet_channels)}"
+            )
+        if any(c % h for c, h in zip(self.unet_channels, self.attention_heads, strict=True)):
+            raise DeltaConvError(
+                f"attention_heads {list(self.attention_heads)} must divide unet_channels "
+                f"{list(self.unet_channels)} level by level"
+            )
+
     @classmethod
     def read(cls, path: Path) -> TeacherRecipe:
         """The recipe that ``train_teacher`` recorded as ``recipe.json`` in its work and output folders."""
@@ -142,7 +159,7 @@ def build_components(recipe: TeacherRecipe, scratch: Path) -> dict[str, Any]:
         # diffusers reads this as the number of heads per level (the middle block takes the last); the
         # third level has no attention
         attention_head_dim=recipe.attention_heads,
-        norm_num_groups=16,
+        norm_num_groups=NORM_GROUPS,
     )
     # Trailing spacing starts sampling at t = 999, the pure noise the zero-SNR schedule trains on.
     scheduler = DPMSolverMultistepScheduler(**NOISE_SCHEDULE, timestep_spacing="trailing")
