@@ -111,6 +111,10 @@ class TeacherRecipe:
                 f"{list(self.unet_channels)} level by level"
             )
 
+    def as_recorded(self) -> dict[str, Any]:
+        """The settings as ``recipe.json`` holds them (tuples as JSON lists)."""
+        return json.loads(json.dumps(asdict(self)))
+
     @classmethod
     def read(cls, path: Path) -> TeacherRecipe:
         """The recipe that ``train_teacher`` recorded as ``recipe.json`` in its work and output folders."""
@@ -457,11 +461,11 @@ def train_teacher(out: Path, recipe: TeacherRecipe | None = None, work: Path | N
     recipe = recipe or TeacherRecipe()
     out = Path(out)
     work = Path(work) if work else out.parent / f".{out.name}-work"
-    settings = json.loads(json.dumps(asdict(recipe)))  # tuples as JSON lists, as written
+    settings = recipe.as_recorded()
     recorded = work / "recipe.json"
     if recorded.exists():
         # A setting added after the folder was written is missing there; its default is what ran.
-        earlier = json.loads(json.dumps(asdict(TeacherRecipe()))) | json.loads(recorded.read_text())
+        earlier = TeacherRecipe().as_recorded() | json.loads(recorded.read_text())
         changed = [key for key in settings | earlier if earlier.get(key) != settings.get(key)]
         if changed:
             raise DeltaConvError(
