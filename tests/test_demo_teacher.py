@@ -158,6 +158,16 @@ def test_a_recorded_recipe_reads_back_as_the_recipe_that_wrote_it(tmp_path: Path
     assert TeacherRecipe.read(tmp_path / "recipe.json") == recipe
 
 
+def test_a_recorded_recipe_with_a_setting_this_recipe_lacks_is_one_line(tmp_path: Path):
+    (tmp_path / "recipe.json").write_text(json.dumps(asdict(TeacherRecipe()) | {"unet_depth": 2}))
+    with pytest.raises(DeltaConvError) as refused:
+        TeacherRecipe.read(tmp_path / "recipe.json")
+    assert (
+        str(refused.value)
+        == f"{tmp_path / 'recipe.json'} records settings this recipe does not have: unet_depth"
+    )
+
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 

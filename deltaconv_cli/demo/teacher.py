@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,9 @@ class TeacherRecipe:
     def read(cls, path: Path) -> TeacherRecipe:
         """The recipe that ``train_teacher`` recorded as ``recipe.json`` in its work and output folders."""
         settings = json.loads(Path(path).read_text())
+        unknown = sorted(settings.keys() - {f.name for f in fields(cls)})
+        if unknown:
+            raise DeltaConvError(f"{path} records settings this recipe does not have: {', '.join(unknown)}")
         return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in settings.items()})
 
 
