@@ -15,6 +15,7 @@ from deltaconv_cli.demo import domain, teacher
 from deltaconv_cli.demo.teacher import (
     MIRRORED,
     NO_CELL,
+    TEXT_LENGTH,
     TeacherRecipe,
     build_components,
     phrase_facts,
@@ -130,6 +131,18 @@ def test_attention_heads_set_the_heads_of_each_level(tmp_path: Path):
     assert {heads[n] for n in heads if n.startswith(("down_blocks.1", "up_blocks.1"))} == {4}
     assert {heads[n] for n in heads if n.startswith("mid_block")} == {2}
     assert len(heads) == 14  # self- and cross-attention in 7 transformer blocks
+
+
+def test_without_full_resolution_attention_only_the_32_by_32_level_loses_its_attention(tmp_path: Path):
+    recipe = TeacherRecipe(full_resolution_attention=False)
+    unet = build_components(recipe, tmp_path)["unet"]
+    attention = [name for name, module in unet.named_modules() if name.endswith(("attn1", "attn2"))]
+    levels = {name.split(".attentions")[0] for name in attention}
+    assert levels == {"down_blocks.1", "up_blocks.1", "mid_block"}
+    assert len(attention) == 8  # self- and cross-attention in 4 transformer blocks
+    assert unet(
+        torch.randn(1, 4, 32, 32), 999, torch.randn(1, TEXT_LENGTH, recipe.text_width)
+    ).sample.shape == (1, 4, 32, 32)
 
 
 @pytest.mark.parametrize(
