@@ -155,9 +155,17 @@ def test_without_full_resolution_attention_only_the_32_by_32_level_loses_its_att
             {"attention_heads": (1, 5, 4)},
             "attention_heads [1, 5, 4] must divide unet_channels [48, 96, 96] level by level",
         ),
+        ({"steps": 0}, "steps must be at least 1, got 0"),
+        ({"warmup": 0}, "warmup must be at least 1, got 0"),
+        ({"lr": -1e-4}, "lr must be > 0, got -0.0001"),
+        ({"vae_object_weight": float("nan")}, "vae_object_weight must be > 0, got nan"),
+        ({"caption_dropout": 1.0}, "caption_dropout must be in [0, 1), got 1.0"),
+        ({"seed": -1}, "seed must be >= 0, got -1"),
+        ({"high_noise_from": 1000}, "high_noise_from must be a timestep in [0, 999], got 1000"),
+        ({"text_width": 95}, "text_width must be a multiple of the text encoder's 2 heads"),
     ],
 )
-def test_a_unet_the_recipe_cannot_build_is_refused_with_one_line(settings: dict, message: str):
+def test_a_setting_the_recipe_cannot_train_with_is_refused_with_one_line(settings: dict, message: str):
     with pytest.raises(DeltaConvError) as refused:
         TeacherRecipe(**settings)
     assert str(refused.value) == message
@@ -202,6 +210,11 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
             ["--out", "{tmp}/out", "--work", "{tmp}/work", "--set", "attention_heads=[1,5,4]"],
             "train_demo_teacher.py: attention_heads [1, 5, 4] must divide unet_channels [48, 96, 96] "
             "level by level",
+        ),
+        (
+            "train_demo_teacher.py",
+            ["--out", "{tmp}/out", "--work", "{tmp}/work", "--steps", "-5"],
+            "train_demo_teacher.py: steps must be at least 1, got -5",
         ),
         (
             "train_demo_teacher.py",

@@ -46,6 +46,7 @@ from .text import build_clip_tokenizer
 
 TEXT_LENGTH = 24  # tokens; the longest caption has 17 with BOS/EOS
 NORM_GROUPS = 16  # of the UNet's group norms
+TEXT_HEADS = 2  # of the text encoder's attention layers
 RECOMMENDED_STEPS = 20
 RECOMMENDED_GUIDANCE = 2.0  # the best of 1.5, 2 and 3 on held-out captions (BENCHMARKS.md, section 1)
 # SD's scaled-linear betas, rescaled to zero SNR at t = 999 and predicting v (see train_denoiser for why).
@@ -99,7 +100,26 @@ class TeacherRecipe:
     text_width: int = 96
 
     def __post_init__(self) -> None:
-        # Checked here, before train_teacher makes a folder: diffusers would only fail on building the UNet.
+        # Checked here, before train_teacher makes a folder: a bad value would otherwise fail deep inside a
+        # stage (diffusers building the UNet, a zero batch) or train silently wrong (a negative rate).
+        counts = ("train_scenes", "vae_steps", "vae_batch", "text_steps", "text_batch", "steps", "batch")
+        for name in (*counts, "warmup", "extractor_steps", "checkpoint_every", "text_width"):
+            if getattr(self, name) < 1:
+                raise DeltaConvError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("vae_lr", "text_lr", "lr", "vae_object_weight", "snr_cap"):
+            if not getattr(self, name) > 0:
+                raise DeltaConvError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("caption_dropout", "high_noise_share", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise DeltaConvError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.seed < 0:
+            raise DeltaConvError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.high_noise_from < NOISE_SCHEDULE["num_train_timesteps"]:
+            raise DeltaConvError(
+                f"high_noise_from must be a timestep in [0, 999], got {self.high_noise_from}"
+            )
+        if self.text_width % TEXT_HEADS:
+            raise DeltaConvError(f"text_width must be a multiple of the text encoder's {TEXT_HEADS} heads")
         for name in ("unet_channels", "attention_heads"):
             value = getattr(self, name)
             if len(value) != 3 or not all(type(v) is int and v > 0 for v in value):
@@ -138,7 +158,7 @@ def build_components(recipe: TeacherRecipe, scratch: Path) -> dict[str, Any]:
             hidden_size=recipe.text_width,
             intermediate_size=2 * recipe.text_width,
             num_hidden_layers=2,
-            num_attention_heads=2,
+            num_attention_heads=TEXT_HEADS,
             max_position_embeddings=TEXT_LENGTH,
             bos_token_id=0,
             eos_token_id=1,
