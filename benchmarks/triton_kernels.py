@@ -1,7 +1,7 @@
 """Check and time the ΔConvBlock's Triton kernels against PyTorch, self-attention and LinFusion.
 
-    python benchmarks/kernels.py --out benchmarks/kernels-gpu.json        # on a CUDA machine
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --device cpu --quick  # a smoke run on the CPU
+    python benchmarks/triton_kernels.py --out benchmarks/triton-kernels-gpu.json        # on a CUDA machine
+    TRITON_INTERPRET=1 python benchmarks/triton_kernels.py --device cpu --quick  # a smoke run on the CPU
 
 For SD1.5 and SDXL layer shapes (batch 2, as under classifier-free guidance) at 512 to 4096 px (and 8192
 where memory allows), it first checks every kernel against the PyTorch path, then times (median of
