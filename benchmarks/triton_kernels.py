@@ -1,7 +1,7 @@
 """Check and time the ΔConvBlock's Triton kernels against PyTorch, self-attention and LinFusion.
 
-    python benchmarks/triton_kernels.py --out benchmarks/triton-kernels-gpu.json        # on a CUDA machine
-    TRITON_INTERPRET=1 python benchmarks/triton_kernels.py --device cpu --quick  # a smoke run on the CPU
+    python benchmarks/triton_kernels.py --out benchmarks/triton-kernels-gpu.json  # on a CUDA machine
+    TRITON_INTERPRET=1 python benchmarks/triton_kernels.py --device cpu --quick   # a smoke run on the CPU
 
 For SD1.5 and SDXL layer shapes (batch 2, as under classifier-free guidance) at 512 to 4096 px (and 8192
 where memory allows), it first checks every kernel against the PyTorch path, then times (median of
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="tiny shapes (a smoke test, e.g. in the interpreter)"
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/kernels.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/triton-kernels.json"))
     args = parser.parse_args()
     device = torch.device(args.device)
     resolutions = [64] if args.quick else [512, 1024, 2048, 4096, 8192]
