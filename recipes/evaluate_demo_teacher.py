@@ -1,6 +1,7 @@
 """Measure the embedded demo teacher: prompt adherence on held-out captions and Fréchet distances.
 
     python recipes/evaluate_demo_teacher.py [--pipeline PATH] [--count 200] [--guidance G ...] [--steps 20]
+        [--first-seed 0]
 
 Prints and writes JSON (--json) with adherence per scene kind, three Fréchet distances in the domain
 extractor's feature space: samples vs real images, real vs real (the floor at this sample size) and
@@ -8,7 +9,8 @@ between two different domains (single-object scenes vs counting scenes), and how
 on the captions' position words (quality.position_reliance). Each result also says which of the captions'
 facts fail and why (quality.failed_facts), and how well the VAE's reconstructions of the real scenes
 behind those captions adhere (quality.reconstruction_adherence: the ceiling its samples decode to).
---grid writes a sample grid.
+--grid writes a sample grid. --first-seed N samples caption i from the noise of seed N + i instead of i:
+the same captions from other noise, to see how far the sampling seeds alone move a score.
 """
 
 from __future__ import annotations
@@ -41,9 +43,14 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--steps", type=int, default=RECOMMENDED_STEPS)
     parser.add_argument("--guidance", type=float, nargs="+", default=[RECOMMENDED_GUIDANCE])
+    parser.add_argument("--first-seed", type=int, default=0, help="caption i is sampled with seed N + i")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--grid", type=Path, default=None, help="PNG: 16 captions, real scene and sample")
     args = parser.parse_args()
+    if args.count < 1 or args.first_seed < 0:
+        parser.error(
+            f"--count must be at least 1 and --first-seed >= 0, got {args.count} and {args.first_seed}"
+        )
     extractor_folder = args.extractor or demo_path("extractor")
     if not (extractor_folder / "config.json").is_file():
         raise DeltaConvError(f"{extractor_folder} is not a feature extractor folder: it has no config.json")
@@ -53,7 +60,7 @@ def main() -> None:
     reliance, reconstruction = position_reliance(pipe), reconstruction_adherence(pipe, args.count)
     results = []
     for guidance in args.guidance:
-        quality = generator_quality(pipe, extractor, args.count, args.steps, guidance)
+        quality = generator_quality(pipe, extractor, args.count, args.steps, guidance, args.first_seed)
         quality["position_reliance"] = reliance
         quality["vae_reconstruction"] = reconstruction
         samples, captions = quality.pop("samples"), quality.pop("sample_captions")

@@ -21,6 +21,7 @@ from deltaconv_cli.demo.quality import (
     clean_latents,
     failed_facts,
     frechet,
+    generator_quality,
     held_out_captions,
     placed_objects,
     position_reliance,
@@ -179,6 +180,18 @@ def test_position_reliance_measures_clean_latent_error_per_timestep():
     assert all(list(errors) == ["own_caption", "moved_caption"] for errors in result.values())
     # At t = 0 the latents are all but clean, so a correct conversion to clean latents nearly recovers them.
     assert 0 < result["0"]["own_caption"] < 0.05 * result["999"]["own_caption"]
+
+
+def test_generator_quality_samples_caption_i_from_seed_first_seed_plus_i():
+    pipe = load_model(locate_model("demo"))
+    pipe.set_progress_bar_config(disable=True)
+    extractor = DomainFeatureExtractor.from_pretrained(demo_path("extractor"))
+    quality = generator_quality(pipe, extractor, count=3, steps=2, guidance=2.0, first_seed=5)
+    captions, _ = held_out_captions(3)
+    settings = SampleSettings(steps=2, guidance=2.0)
+    assert quality["first_seed"] == 5 and quality["sample_captions"] == captions
+    assert np.array_equal(quality["samples"], generate(pipe, captions, [5, 6, 7], (64, 64), settings))
+    assert not np.array_equal(quality["samples"], generate(pipe, captions, [0, 1, 2], (64, 64), settings))
 
 
 def test_shipped_vae_reconstructions_keep_nearly_every_fact():

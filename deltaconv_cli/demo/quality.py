@@ -163,19 +163,30 @@ def position_reliance(
 
 
 def generator_quality(
-    pipe: Any, extractor: DomainFeatureExtractor, count: int = 200, steps: int = 20, guidance: float = 4.0
+    pipe: Any,
+    extractor: DomainFeatureExtractor,
+    count: int = 200,
+    steps: int = 20,
+    guidance: float = 4.0,
+    first_seed: int = 0,
 ) -> dict[str, Any]:
     """Adherence on ``count`` held-out captions and Fréchet distances of the samples to real images,
     next to two reference distances: real vs real (the floor at this sample size) and between two
-    different domains (real ``single``-object scenes vs real ``count`` scenes)."""
+    different domains (real ``single``-object scenes vs real ``count`` scenes).
+
+    Caption ``i`` is sampled from the initial noise of seed ``first_seed + i``: another ``first_seed``
+    draws the same captions from other noise, which measures how far the sampling seeds alone move a score.
+    """
     from ..sampling import SampleSettings, generate
 
     captions, kinds = held_out_captions(count)
     settings = SampleSettings(steps=steps, guidance=guidance)
-    samples = generate(pipe, captions, list(range(count)), (domain.SIZE, domain.SIZE), settings)
+    seeds = list(range(first_seed, first_seed + count))
+    samples = generate(pipe, captions, seeds, (domain.SIZE, domain.SIZE), settings)
     reference = real_images(REFERENCE_SEED, count)
     return {
         "captions": count,
+        "first_seed": first_seed,
         "steps": steps,
         "guidance": guidance,
         "adherence": adherence_by_kind(samples, captions, kinds),
