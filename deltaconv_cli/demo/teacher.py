@@ -102,8 +102,11 @@ class TeacherRecipe:
     def __post_init__(self) -> None:
         # Checked here, before train_teacher makes a folder: a bad value would otherwise fail deep inside a
         # stage (diffusers building the UNet, a zero batch) or train silently wrong (a negative rate).
-        counts = ("train_scenes", "vae_steps", "vae_batch", "text_steps", "text_batch", "steps", "batch")
-        for name in (*counts, "warmup", "extractor_steps", "checkpoint_every", "text_width"):
+        at_least_one = (
+            *("train_scenes", "vae_steps", "vae_batch", "text_steps", "text_batch", "steps", "batch"),
+            *("warmup", "extractor_steps", "checkpoint_every", "text_width"),
+        )
+        for name in at_least_one:
             if getattr(self, name) < 1:
                 raise DeltaConvError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("vae_lr", "text_lr", "lr", "vae_object_weight", "snr_cap"):
@@ -114,9 +117,10 @@ class TeacherRecipe:
                 raise DeltaConvError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.seed < 0:
             raise DeltaConvError(f"seed must be >= 0, got {self.seed}")
-        if not 0 <= self.high_noise_from < NOISE_SCHEDULE["num_train_timesteps"]:
+        last_timestep = NOISE_SCHEDULE["num_train_timesteps"] - 1
+        if not 0 <= self.high_noise_from <= last_timestep:
             raise DeltaConvError(
-                f"high_noise_from must be a timestep in [0, 999], got {self.high_noise_from}"
+                f"high_noise_from must be a timestep in [0, {last_timestep}], got {self.high_noise_from}"
             )
         if self.text_width % TEXT_HEADS:
             raise DeltaConvError(f"text_width must be a multiple of the text encoder's {TEXT_HEADS} heads")
