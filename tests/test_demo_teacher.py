@@ -189,6 +189,26 @@ def test_a_recorded_recipe_with_a_setting_this_recipe_lacks_is_one_line(tmp_path
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ('{"seed": 0, "vae_st', "Unterminated string"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"steps": "many"}', "not supported between instances of 'str' and 'int'"),
+    ],
+)
+def test_a_broken_recipe_json_in_a_work_folder_is_refused_in_one_line(tmp_path: Path, text: str, why: str):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "recipe.json").write_text(text)
+    with pytest.raises(DeltaConvError) as refused:
+        teacher.train_teacher(tmp_path / "out", TeacherRecipe(), work=work)
+    message = str(refused.value)
+    assert message.startswith(f"{work / 'recipe.json'} is not a recipe recorded by train_teacher: ")
+    assert why in message and "\n" not in message
+    assert sorted(p.name for p in work.iterdir()) == ["recipe.json"] and not (tmp_path / "out").exists()
+
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 

@@ -145,11 +145,19 @@ class TeacherRecipe:
     @classmethod
     def read(cls, path: Path) -> TeacherRecipe:
         """The recipe that ``train_teacher`` recorded as ``recipe.json`` in its work and output folders."""
-        settings = json.loads(Path(path).read_text())
+        try:
+            settings = json.loads(Path(path).read_text())
+        except ValueError as error:
+            raise DeltaConvError(f"{path} is not a recipe recorded by train_teacher: {error}") from None
+        if not isinstance(settings, dict):
+            raise DeltaConvError(f"{path} is not a recipe recorded by train_teacher: not a JSON object")
         unknown = sorted(settings.keys() - {f.name for f in fields(cls)})
         if unknown:
             raise DeltaConvError(f"{path} records settings this recipe does not have: {', '.join(unknown)}")
-        return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in settings.items()})
+        try:
+            return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in settings.items()})
+        except TypeError as error:  # a value of another type than its setting's, e.g. "steps": "many"
+            raise DeltaConvError(f"{path} is not a recipe recorded by train_teacher: {error}") from None
 
 
 def build_components(recipe: TeacherRecipe, scratch: Path) -> dict[str, Any]:
@@ -495,19 +503,19 @@ def train_teacher(out: Path, recipe: TeacherRecipe | None = None, work: Path | N
     recipe = recipe or TeacherRecipe()
     out = Path(out)
     work = Path(work) if work else out.parent / f".{out.name}-work"
-    settings = recipe.as_recorded()
     recorded = work / "recipe.json"
     if recorded.exists():
-        # A setting added after the folder was written is missing there; its default is what ran.
-        earlier = TeacherRecipe().as_recorded() | json.loads(recorded.read_text())
-        changed = [key for key in settings | earlier if earlier.get(key) != settings.get(key)]
+        # A setting added after the folder was written is missing there; read fills in its default, which
+        # is what ran.
+        earlier = TeacherRecipe.read(recorded)
+        changed = [f.name for f in fields(recipe) if getattr(earlier, f.name) != getattr(recipe, f.name)]
         if changed:
             raise DeltaConvError(
                 f"{work} holds stages of another recipe ({', '.join(changed)} differ); "
                 "give another --work or delete it"
             )
     work.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(settings, indent=2) + "\n")
+    recorded.write_text(json.dumps(recipe.as_recorded(), indent=2) + "\n")
     parts = build_components(recipe, work)
     with progress_bar() as progress:
         data_file = work / "data.npz"
