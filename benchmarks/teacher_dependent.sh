@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Re-measure every BENCHMARKS.md result that depends on the shipped demo teacher, one command at a time
+# (two PyTorch jobs on two cores distort each other's times), in the order of the sections:
+#
+#     bash benchmarks/teacher_dependent.sh [FIRST]      # about 100 minutes on a 2-core CPU
+#
+# Run it after the teacher's weights in deltaconv_cli/assets/demo change. Each command's wall-clock time
+# goes to runs/teacher-dependent.log; the JSON, PNG and docs/analysis-demo outputs are the ones the
+# sections cite. FIRST (a step number from that log) restarts after an interruption.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p runs
+log=runs/teacher-dependent.log
+first=${1:-1}
+step=0
+
+measure() {
+    step=$((step + 1))
+    if ((step < first)); then return; fi
+    local start
+    start=$(date +%s)
+    echo "[$step] $*" | tee -a "$log"
+    "$@"
+    echo "[$step] $(($(date +%s) - start)) s" | tee -a "$log"
+}
+
+# 1. The teacher: quality at three guidance values, 30 steps, 400 captions; where facts are lost.
+measure python recipes/evaluate_demo_teacher.py --guidance 2 3 1.5 --json docs/demo-teacher-quality.json \
+    --grid docs/demo-samples.png
+measure python recipes/evaluate_demo_teacher.py --steps 30 --json docs/demo-teacher-quality-steps30.json
+measure python recipes/evaluate_demo_teacher.py --count 400 --json docs/demo-teacher-quality-400-captions.json
+measure python recipes/adherence_from_noised_scenes.py --json docs/demo-teacher-from-noised-scenes.json
+measure python recipes/layout_at_t999.py --json docs/demo-teacher-layout-t999.json
+
+# 2. Distillation: the starts, README's main command, LinFusion on the same budget (its recipe, then ours).
+measure python benchmarks/init_fidelity.py --json docs/init-fidelity.json
+measure deltaconv distill demo --data demo --recipe demo --out runs/demo --json docs/distill-demo-300.json
+measure deltaconv distill demo --data demo --recipe demo --mixer linfusion --out runs/demo-linfusion-300 \
+    --json docs/distill-demo-linfusion-300.json
+measure deltaconv distill demo --data demo --recipe demo --mixer linfusion --set denoise_weight=0 \
+    --set teacher_weight=1 --set feature_weight=0.5 --set learning_rate=3e-4 \
+    --out runs/demo-linfusion-300-pure --json docs/distill-demo-linfusion-300-pure-distillation.json
+
+# 3. Teacher vs students on 200 captions, then the time per image in turns (unfitted blocks of the same shapes).
+measure deltaconv eval demo --adapter runs/demo/adapter --linfusion-adapter runs/demo-linfusion-300/adapter \
+    --prompts demo:200 --out runs/eval-demo-300 --json docs/eval-demo-300.json
+measure deltaconv eval demo --adapter runs/demo/adapter --linfusion-adapter runs/demo-linfusion-300-pure/adapter \
+    --prompts demo:200 --out runs/eval-demo-300-pure --json docs/eval-demo-300-linfusion-pure-distillation.json
+measure deltaconv convert demo -o runs/demo-converted
+measure python -c "from deltaconv_cli import DeltaConvAdapter; from deltaconv_cli.loading import load_model, \
+locate_model; DeltaConvAdapter.construct_for(load_model(locate_model('demo')), mixer='linfusion')\
+.save_pretrained('runs/demo-linfusion-start')"
+measure deltaconv eval demo --adapter runs/demo-converted/deltaconv --linfusion-adapter runs/demo-linfusion-start \
+    --prompts demo:16 --trajectory-prompts 0 --timing-rounds 7 --out runs/eval-timing \
+    --json docs/eval-demo-timing.json
+
+# 5. Attention locality. 7. High resolution end to end (the architecture, not the weights, sets these times).
+measure deltaconv analyze demo --prompts demo:8 --queries 1024 --out docs/analysis-demo
+measure deltaconv profile demo --end-to-end --res 64 128 256 512 1024 --steps 2 --repeats 3 --time-budget 600 \
+    --plot docs/end-to-end-demo.png --json docs/end-to-end-demo.json
