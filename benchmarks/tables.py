@@ -4,6 +4,7 @@ python benchmarks/tables.py profile docs/profile-sd15.json
 python benchmarks/tables.py eval runs/eval/eval.json
 python benchmarks/tables.py teacher docs/demo-teacher-quality.json
 python benchmarks/tables.py noised docs/demo-teacher-from-noised-scenes.json
+python benchmarks/tables.py guidance-interval docs/guidance-interval-v2.json
 python benchmarks/tables.py end-to-end docs/end-to-end-demo.json
 """
 
@@ -162,6 +163,15 @@ def noised_table(results: list[dict]) -> str:
     return _table(header, rows)
 
 
+def guidance_interval_table(results: list[dict]) -> str:
+    """recipes/guidance_interval.py: adherence and failed facts by the timestep guidance starts below."""
+    kinds = list(results[0]["adherence"])
+    header = ["guided below t", *(f"adherence: {k}" for k in kinds), "... in the named cell", *_FACT_HEADINGS]
+    rows = [[str(r["guided_below"]), *(f"{r['adherence'][k]:.3f}" for k in kinds),
+             f"{r['named_objects']['in_named_cell']:.2f}", *_fact_cells(r)] for r in results]  # fmt: skip
+    return _table(header, rows)
+
+
 def end_to_end_table(report: dict) -> str:
     systems = ("original", "deltaconv", "linfusion")
     labels = {"original": "original", "deltaconv": "ΔConv", "linfusion": "LinFusion"}
@@ -195,6 +205,7 @@ TABLES = {
     "eval": eval_table,
     "teacher": teacher_table,
     "noised": noised_table,
+    "guidance-interval": guidance_interval_table,
     "end-to-end": end_to_end_table,
 }
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -267,3 +271,45 @@ def test_shipped_teacher_loads_like_a_user_checkpoint_and_follows_prompts():
     # (v2: 6.07 on these 16 scenes, 5.29 on 64; v1: 0.999).
     errors = position_reliance(pipe, count=16, timesteps=(999,))["999"]
     assert errors["moved_caption"] >= 1.25 * errors["own_caption"]
+
+
+def _guidance_interval_recipe():
+    spec = importlib.util.spec_from_file_location(
+        "guidance_interval", Path(__file__).resolve().parents[1] / "recipes" / "guidance_interval.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_guidance_below_sets_each_next_step_and_starts_over_for_the_next_batch():
+    recipe = _guidance_interval_recipe()
+    pipe = SimpleNamespace(scheduler=SimpleNamespace(timesteps=torch.tensor([999, 849, 699, 549])))
+    hook = recipe.GuidanceBelow(pipe, 3.0, 700)
+    assert [hook.scale_at(t) for t in (999, 700, 699)] == [recipe.UNGUIDED, recipe.UNGUIDED, 3.0]
+    seen = []
+    for _ in range(2):  # two batches of four steps: the scale set after steps 1-3, none after the last
+        for _ in range(4):
+            pipe._guidance_scale = None
+            hook()
+            seen.append(pipe._guidance_scale)
+    assert seen == [recipe.UNGUIDED, 3.0, 3.0, None] * 2
+
+
+def test_guidance_below_1000_is_the_documented_sampler_and_below_0_is_unguided():
+    recipe = _guidance_interval_recipe()
+    pipe = load_model(locate_model("demo"))
+    pipe.set_progress_bar_config(disable=True)
+    captions, seeds = held_out_captions(2)[0], [0, 1]
+
+    def sampled(guidance: float, below: int | None = None) -> np.ndarray:
+        hook = recipe.GuidanceBelow(pipe, guidance, below) if below is not None else None
+        start = hook.scale_at(999) if hook else guidance
+        return np.stack(generate(pipe, captions, seeds, (64, 64), SampleSettings(3, start), on_step=hook))
+
+    assert np.array_equal(sampled(2.0, 1000), sampled(2.0))
+    # Unguided steps keep the caption-free half of the batch at weight 1e-6: plain conditional sampling
+    # up to the kernels a batch of another size picks (a grey level or two).
+    unguided, conditional = sampled(2.0, 0).astype(int), sampled(1.0).astype(int)
+    assert np.abs(unguided - conditional).max() <= 2
+    assert np.abs(sampled(2.0).astype(int) - conditional).max() > 20

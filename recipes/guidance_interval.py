@@ -1,0 +1,93 @@
+"""Adherence of the demo teacher when classifier-free guidance applies only below a timestep.
+
+    python recipes/guidance_interval.py [--pipeline demo] [--count 200] [--guidance 2] [--below 1000 800 600]
+        [--json FILE]
+
+Guidance pushes each prediction away from the caption-free one. Where the layout is decided (t near 999)
+that makes more of every object the caption names, and a ``count`` caption's "three" more than three:
+extra objects are the failure that dominates (BENCHMARKS.md, section 1). For each ``--below`` T this
+samples the held-out captions with the documented sampler (DPM++ 2M, trailing timesteps, seed i for
+caption i), guided at the timesteps below T and unguided from T up (T = 1000: every step, the documented
+sampler itself), and reports adherence per kind, the failed facts and where named objects land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from deltaconv_cli.cli import write_json
+from deltaconv_cli.demo import domain
+from deltaconv_cli.demo.quality import adherence_by_kind, failed_facts, held_out_captions, placed_objects
+from deltaconv_cli.demo.teacher import NOISE_SCHEDULE, RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
+from deltaconv_cli.loading import load_model, locate_model
+from deltaconv_cli.recipes.recipe_cli import run
+from deltaconv_cli.sampling import SampleSettings, generate
+
+# The pipeline fixes at the start of a call whether each step runs the caption-free half of the batch
+# (guidance > 1); at exactly 1 it drops that half and a later step could not bring it back. Unguided steps
+# keep it at a weight this close to none.
+UNGUIDED = 1.0 + 1e-6
+
+
+class GuidanceBelow:
+    """Called after every denoising step (``generate``'s ``on_step``): sets the next step's guidance."""
+
+    def __init__(self, pipe: Any, guidance: float, below: int) -> None:
+        self.pipe, self.guidance, self.below, self.done = pipe, guidance, below, 0
+
+    def scale_at(self, timestep: int) -> float:
+        return self.guidance if timestep < self.below else UNGUIDED
+
+    def __call__(self) -> None:
+        timesteps = self.pipe.scheduler.timesteps
+        self.done += 1
+        if self.done == len(timesteps):  # the batch is finished; the next call starts over
+            self.done = 0
+        else:
+            self.pipe._guidance_scale = self.scale_at(int(timesteps[self.done]))
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--pipeline", default="demo", help="demo, or a pipeline folder")
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=RECOMMENDED_STEPS)
+    parser.add_argument("--guidance", type=float, default=RECOMMENDED_GUIDANCE)
+    parser.add_argument("--below", type=int, nargs="+", default=[1000, 800, 600])
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    last = NOISE_SCHEDULE["num_train_timesteps"]
+    if args.count < 1 or args.steps < 1 or not args.guidance > 1:
+        parser.error("--count and --steps must be at least 1 and --guidance above 1")
+    if any(not 0 <= below <= last for below in args.below):
+        parser.error(f"--below takes timesteps in [0, {last}], got {args.below}")
+    pipe = load_model(locate_model(args.pipeline))
+    pipe.set_progress_bar_config(disable=True)
+    captions, kinds = held_out_captions(args.count)
+    seeds = list(range(args.count))
+    results = []
+    for below in args.below:
+        hook = GuidanceBelow(pipe, args.guidance, below)
+        pipe.scheduler.set_timesteps(args.steps)
+        settings = SampleSettings(args.steps, hook.scale_at(int(pipe.scheduler.timesteps[0])))
+        samples = generate(pipe, captions, seeds, (domain.SIZE, domain.SIZE), settings, on_step=hook)
+        result = {
+            "captions": args.count,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "guided_below": below,
+            "adherence": adherence_by_kind(samples, captions, kinds),
+            "named_objects": placed_objects(samples, captions),
+            "failed_facts": failed_facts(samples, captions),
+        }
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    run(main)
