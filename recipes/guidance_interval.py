@@ -41,6 +41,12 @@ class GuidanceBelow:
     def scale_at(self, timestep: int) -> float:
         return self.guidance if timestep < self.below else UNGUIDED
 
+    def settings(self, steps: int) -> SampleSettings:
+        """Sampler settings for ``steps`` steps, starting at the first step's guidance (later steps' come from
+        this hook)."""
+        self.pipe.scheduler.set_timesteps(steps)
+        return SampleSettings(steps, self.scale_at(int(self.pipe.scheduler.timesteps[0])))
+
     def __call__(self) -> None:
         timesteps = self.pipe.scheduler.timesteps
         self.done += 1
@@ -72,9 +78,8 @@ def main() -> None:
     results = []
     for below in args.below:
         hook = GuidanceBelow(pipe, args.guidance, below)
-        pipe.scheduler.set_timesteps(args.steps)
-        settings = SampleSettings(args.steps, hook.scale_at(int(pipe.scheduler.timesteps[0])))
-        samples = generate(pipe, captions, seeds, (domain.SIZE, domain.SIZE), settings, on_step=hook)
+        size = (domain.SIZE, domain.SIZE)
+        samples = generate(pipe, captions, seeds, size, hook.settings(args.steps), on_step=hook)
         result = {
             "captions": args.count,
             "steps": args.steps,

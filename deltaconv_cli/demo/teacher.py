@@ -145,19 +145,23 @@ class TeacherRecipe:
     @classmethod
     def read(cls, path: Path) -> TeacherRecipe:
         """The recipe that ``train_teacher`` recorded as ``recipe.json`` in its work and output folders."""
+
+        def broken(why: object) -> DeltaConvError:
+            return DeltaConvError(f"{path} is not a recipe recorded by train_teacher: {why}")
+
         try:
             settings = json.loads(Path(path).read_text())
         except ValueError as error:
-            raise DeltaConvError(f"{path} is not a recipe recorded by train_teacher: {error}") from None
+            raise broken(error) from None
         if not isinstance(settings, dict):
-            raise DeltaConvError(f"{path} is not a recipe recorded by train_teacher: not a JSON object")
+            raise broken("not a JSON object")
         unknown = sorted(settings.keys() - {f.name for f in fields(cls)})
         if unknown:
             raise DeltaConvError(f"{path} records settings this recipe does not have: {', '.join(unknown)}")
         try:
             return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in settings.items()})
         except TypeError as error:  # a value of another type than its setting's, e.g. "steps": "many"
-            raise DeltaConvError(f"{path} is not a recipe recorded by train_teacher: {error}") from None
+            raise broken(error) from None
 
 
 def build_components(recipe: TeacherRecipe, scratch: Path) -> dict[str, Any]:
