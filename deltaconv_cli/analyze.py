@@ -23,6 +23,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from .architectures import denoiser_of
 from .errors import DeltaConvError
+from .loading import locate_model
 from .surgery import attach_token_grids, default_kernel_sizes, find_self_attention_sites
 
 WINDOW = 12  # the mean pattern around a query is kept for offsets up to this many tokens
@@ -350,6 +351,14 @@ def analyze(
     model while recording its self-attention locality; ``guidance`` defaults to the model's own."""
     from .sampling import SampleSettings, default_guidance, generate, load_for_sampling, resolve_size
 
+    SampleSettings(steps, guidance, height, width).check()
+    for name, value in (("queries", queries), ("chunk", chunk)):
+        if value < 1:
+            raise DeltaConvError(f"{name} must be at least 1, got {value}")
+    timesteps = locate_model(model).train_timesteps
+    outside = [edge for edge in band_edges if not 0 < edge < timesteps]
+    if outside:
+        raise DeltaConvError(f"timestep band edges must lie in 1..{timesteps - 1}, got {outside[0]}")
     prompts = list(prompts) or default_prompts(model)
     guidance = default_guidance(model) if guidance is None else guidance
     loaded = load_for_sampling(model, None, device, dtype)
@@ -358,8 +367,7 @@ def analyze(
     pipe = loaded.pipe
     denoiser = denoiser_of(pipe)
     size = resolve_size(loaded, height, width)
-    timesteps = pipe.scheduler.config.num_train_timesteps
-    recorder = LocalityRecorder(band_edges, timesteps, queries, chunk, seed)
+    recorder = LocalityRecorder(band_edges, pipe.scheduler.config.num_train_timesteps, queries, chunk, seed)
     detach = attach_recorder(denoiser, recorder, layers, score_override)
     try:
         generate(pipe, prompts, list(range(seed, seed + len(prompts))), size, SampleSettings(steps, guidance))

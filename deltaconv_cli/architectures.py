@@ -348,6 +348,18 @@ def latent_stride(denoiser: ModelMixin) -> int:
     return family_for(denoiser).latent_stride(denoiser)
 
 
+def latent_size(height: int, width: int, vae_factor: int, stride: int) -> tuple[int, int]:
+    """The latent height and width of a ``height`` x ``width`` image, or a clear error where a model with
+    this VAE factor and :func:`latent_stride` cannot take that size."""
+    step = vae_factor * stride
+    if height <= 0 or width <= 0 or height % step or width % step:
+        raise DeltaConvError(
+            f"resolution {height}x{width} is not a multiple of {step} pixels (VAE factor {vae_factor} x "
+            f"latent stride {stride}); valid sizes are {step}, {2 * step}, {3 * step}, ..."
+        )
+    return height // vae_factor, width // vae_factor
+
+
 def meta_denoiser(class_name: str, config: dict[str, Any], dtype: torch.dtype | None = None) -> ModelMixin:
     """The architecture of a denoiser with no weights allocated (meta device), from its config."""
     cls = denoiser_class(class_name)

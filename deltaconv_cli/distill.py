@@ -46,7 +46,7 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .architectures import denoiser_of, family_for
+from .architectures import denoiser_of, family_for, latent_size, latent_stride
 from .block import GATES
 from .conditioning import encode_prompts, latent_posterior, predict
 from .data import DEMO, batch_indices, image_tensor, open_data
@@ -426,6 +426,10 @@ def distill(
         raise DeltaConvError(
             f"{model} is a bare denoiser; distill needs the whole pipeline (VAE, text encoder)"
         )
+    # Before loading: diffusers' UNet follows odd latent sizes through its upsampling, so a size the model
+    # cannot sample would otherwise train without a word.
+    stride = latent_stride(folder.meta_denoiser())
+    latent_size(config.resolution, config.resolution, folder.vae_factor, stride)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         config.mixed_precision
     ]

@@ -53,6 +53,14 @@ class ModelFolder:
             return 2 ** (len(_read_json(vae_config).get("block_out_channels", [0] * 4)) - 1)
         return 8
 
+    @property
+    def train_timesteps(self) -> int:
+        """The noise schedule's length: from the pipeline's scheduler, else 1000 (diffusers' default)."""
+        scheduler_config = self.path / "scheduler" / "scheduler_config.json"
+        if self.is_pipeline and scheduler_config.is_file():
+            return int(_read_json(scheduler_config).get("num_train_timesteps", 1000))
+        return 1000
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:

@@ -24,7 +24,14 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .architectures import BUILTIN_ARCHITECTURES, denoiser_inputs, family_of, latent_stride, meta_denoiser
+from .architectures import (
+    BUILTIN_ARCHITECTURES,
+    denoiser_inputs,
+    family_of,
+    latent_size,
+    latent_stride,
+    meta_denoiser,
+)
 from .block import DeltaConvBlock
 from .errors import DeltaConvError
 from .loading import locate_model
@@ -182,16 +189,6 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return (sizes[0], sizes[-1])
 
 
-def _check_resolution(height: int, width: int, vae_factor: int, stride: int) -> tuple[int, int]:
-    step = vae_factor * stride
-    if height % step or width % step:
-        raise DeltaConvError(
-            f"resolution {height}x{width} is not a multiple of {step} pixels (VAE factor {vae_factor} x "
-            f"latent stride {stride}); valid sizes are {step}, {2 * step}, {3 * step}, ..."
-        )
-    return height // vae_factor, width // vae_factor
-
-
 def _mixers(channels: int, heads: int, kernel_size: int, attention: nn.Module) -> dict[str, nn.Module]:
     """The original attention and every mixer of :data:`~deltaconv_cli.mixers.MIXERS` for one site."""
     bias = attention.to_q.bias is not None
@@ -228,7 +225,7 @@ def profile(
     by_stage = default_kernel_sizes(meta)
     kernels = {s.name: (arch.kernel_sizes or {}).get(s.name, by_stage[s.stage]) for s in sites}
     stride = latent_stride(meta)
-    latents = [_check_resolution(h, w, arch.vae_factor, stride) for h, w in resolutions]
+    latents = [latent_size(h, w, arch.vae_factor, stride) for h, w in resolutions]
     timer = Timer(dev, weights_dtype, repeats, time_budget_s) if measure else None
     note = on_progress or (lambda message: None)
 
@@ -567,7 +564,7 @@ def end_to_end(
         side = (native if isinstance(native, int) else native[0]) * arch.vae_factor
         resolutions = [(side * f, side * f) for f in (1, 2, 4)]
     for height, width in resolutions:
-        _check_resolution(height, width, arch.vae_factor, latent_stride(meta))
+        latent_size(height, width, arch.vae_factor, latent_stride(meta))
     counted = profile(model, resolutions, dtype=weights_dtype, find_paper_ratio=False, on_progress=note)
 
     note("loading the pipeline")

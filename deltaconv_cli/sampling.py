@@ -33,7 +33,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
-from .architectures import denoiser_of, family_for, latent_stride
+from .architectures import denoiser_of, family_for, latent_size, latent_stride
 from .conditioning import use_tiled_vae
 from .errors import DeltaConvError
 from .imaging import save_grid, to_uint8
@@ -132,13 +132,7 @@ def resolve_size(loaded: LoadedModel, height: int | None, width: int | None) -> 
     native = native if isinstance(native, int) else native[0]
     height = native * loaded.vae_factor if height is None else height
     width = native * loaded.vae_factor if width is None else width
-    step = loaded.vae_factor * latent_stride(denoiser)
-    if height <= 0 or width <= 0 or height % step or width % step:
-        examples = ", ".join(str(step * k) for k in (1, 2, 4, 8))
-        raise DeltaConvError(
-            f"{height}x{width} does not fit this model: height and width must be multiples of {step} "
-            f"(e.g. {examples}, ...; native {native * loaded.vae_factor})"
-        )
+    latent_size(height, width, loaded.vae_factor, latent_stride(denoiser))
     return height, width
 
 

@@ -145,6 +145,28 @@ def test_real_attention_cli(saved_pipelines, tmp_path):
     assert bad.exit_code == 1 and "unknown layer or stage 'nope'" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "0"], "steps must be at least 1, got 0"),
+        (["--guidance", "-1"], "guidance must be a finite number >= 0, got -1.0"),
+        (["--queries", "0"], "queries must be at least 1, got 0"),
+        (["--timesteps", "0,500"], "timestep band edges must lie in 1..999, got 0"),
+        (["--timesteps", "333,1000"], "timestep band edges must lie in 1..999, got 1000"),
+    ],
+)
+def test_bad_options_fail_before_any_model_is_loaded(args, message, saved_pipelines, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr("deltaconv_cli.sampling.load_for_sampling", no_loading)
+    out = tmp_path / "analysis"
+    result = runner.invoke(app, ["analyze", str(saved_pipelines["sd1"]), "-p", "x", *args, "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == f"error: {message}"
+    assert not out.exists()
+
+
 def exact_kernel(scores, grid, share):
     """The smallest kernel choice whose ΔConv receptive field holds ``share`` of the map's mass."""
     from deltaconv_cli.analyze import KERNEL_CHOICES, delta_conv_reach

@@ -306,6 +306,11 @@ def test_two_processes_match_one(saved_pipelines, image_folder, tmp_path):
         (["--set", "caption_dropout=2"], "setting caption_dropout must be a probability in [0, 1], got 2"),
         (["--set", "report_to=wandb"], "setting report_to must be one of none, tensorboard, got 'wandb'"),
         (["-k", "4"], "kernel sizes must be positive odd numbers, got 4"),
+        (
+            ["--resolution", "36"],
+            "resolution 36x36 is not a multiple of 8 pixels (VAE factor 2 x latent stride 4); "
+            "valid sizes are 8, 16, 24, ...",
+        ),
     ],
 )
 def test_bad_settings_fail_before_any_model_is_loaded(

@@ -84,7 +84,8 @@ def test_sample_errors(converted, tmp_path):
         app, ["sample", str(converted), "-p", "x", "--height", "30", "--out", str(tmp_path)]
     )
     assert result.exit_code == 1
-    assert "must be multiples of 8 (e.g. 8, 16, 32, 64" in result.stderr
+    assert "resolution 30x" in result.stderr and "is not a multiple of 8 pixels" in result.stderr
+    assert "valid sizes are 8, 16, 24, ..." in result.stderr
     result = runner.invoke(
         app, ["sample", str(converted), "-p", "x", "--scheduler", "magic", "--out", str(tmp_path)]
     )
