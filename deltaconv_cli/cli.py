@@ -522,6 +522,9 @@ def profile(
     if not end_to_end and any(v is not None for v in end_to_end_only.values()):
         flag = next(name for name, v in end_to_end_only.items() if v is not None)
         raise DeltaConvError(f"{flag} applies to --end-to-end timing only")
+    if not (end_to_end or measure) and (repeats is not None or time_budget is not None):
+        flag = "--repeats" if repeats is not None else "--time-budget"
+        raise DeltaConvError(f"{flag} applies to timing only: add --measure or --end-to-end")
     timing = {key: value for key, value in (("repeats", repeats), ("time_budget_s", time_budget))
               if value is not None}  # fmt: skip
     quiet = str(json_out) == "-"

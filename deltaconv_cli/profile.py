@@ -204,6 +204,14 @@ def _mixer_input(mixer: str, grid: tuple[int, int], channels: int, **kw: Any) ->
 # ----------------------------------------------------------------------------------------------- profile
 
 
+def check_timing(repeats: int, time_budget_s: float) -> None:
+    """A clear error for timing settings that cannot time anything."""
+    if repeats < 1:
+        raise DeltaConvError(f"repeats must be at least 1, got {repeats}")
+    if not (math.isfinite(time_budget_s) and time_budget_s > 0):
+        raise DeltaConvError(f"time budget must be a positive number of seconds, got {time_budget_s}")
+
+
 def profile(
     source: str = "sd15",
     resolutions: Sequence[tuple[int, int]] = ((512, 512), (1024, 1024), (2048, 2048), (4096, 4096)),
@@ -217,6 +225,7 @@ def profile(
     on_progress: Callable[[str], None] | None = None,
 ) -> ProfileReport:
     """Count (and with ``measure`` time) the three mixers at every self-attention site of ``source``."""
+    check_timing(repeats, time_budget_s)
     weights_dtype = torch_dtype(dtype)
     dev = checked_device(device)
     arch = resolve_architecture(source)
@@ -543,10 +552,7 @@ def end_to_end(
     note = on_progress or (lambda message: None)
     settings = SampleSettings(steps, guidance if guidance is not None else default_guidance(model))
     settings.check()
-    if repeats < 1:
-        raise DeltaConvError(f"repeats must be at least 1, got {repeats}")
-    if not time_budget_s > 0:
-        raise DeltaConvError(f"time budget must be a positive number of seconds, got {time_budget_s}")
+    check_timing(repeats, time_budget_s)
     if model in BUILTIN_ARCHITECTURES:
         raise DeltaConvError(
             f"{model} is a built-in configuration without weights; end-to-end timing needs a pipeline "

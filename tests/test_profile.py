@@ -147,13 +147,28 @@ def test_measure_on_a_tiny_model(tmp_path):
 
 def test_measure_skips_with_the_reason(tmp_path):
     tiny_denoiser("sd1").save_pretrained(tmp_path / "unet")
-    args = ["profile", str(tmp_path / "unet"), "--res", "64", "--measure", "--time-budget", "0"]
+    args = ["profile", str(tmp_path / "unet"), "--res", "64", "--measure", "--time-budget", "1e-9"]
     args += ["--json", "-"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     layer = json.loads(result.stdout)["resolutions"][0]["layers"][0]
     assert layer["attention"]["latency_ms"] is None
     assert layer["attention"]["skipped"].startswith("estimated")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--repeats", "3"], "--repeats applies to timing only: add --measure or --end-to-end"),
+        (["--time-budget", "5"], "--time-budget applies to timing only: add --measure or --end-to-end"),
+        (["--measure", "--repeats", "0"], "repeats must be at least 1, got 0"),
+        (["--measure", "--time-budget", "0"], "time budget must be a positive number of seconds, got 0.0"),
+    ],
+)
+def test_timing_options_need_timing_and_sense(args, message):
+    result = runner.invoke(app, ["profile", "sd15", "--res", "512", *args])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: {message}"
 
 
 def test_resolution_that_does_not_fit_the_model():
@@ -187,7 +202,7 @@ def test_profile_table_headings_match_their_cells(measured, tmp_path):
     from deltaconv_cli.reports import profile_tables
 
     tiny_denoiser("sd1").save_pretrained(tmp_path / "unet")
-    report = profile(str(tmp_path / "unet"), [(64, 64)], measure=measured, repeats=1, time_budget_s=0)
+    report = profile(str(tmp_path / "unet"), [(64, 64)], measure=measured, repeats=1, time_budget_s=1e-9)
     summary, per_layer = profile_tables(report, measured)
     mixers = ["ΔConv", "LinFusion"]
     ratios = ["attn/ΔConv", "LinFusion/ΔConv", "attn share of denoiser"]
