@@ -427,6 +427,7 @@ def analyze(
     """Measure how local each self-attention layer is during real sampling; recommend kernel sizes."""
     from .analyze import analyze as run_analysis
     from .analyze import write_outputs
+    from .runtime import check_output_folder
 
     try:
         edges = [int(edge) for text in timesteps for edge in text.split(",") if edge.strip()]
@@ -434,6 +435,7 @@ def analyze(
         raise DeltaConvError(f"--timesteps takes integers, got {timesteps}") from None
     height, width = res if res is not None else (None, None)
     prompts = _prompt_list(prompt, prompts_file, required=False)  # none: the library's defaults
+    check_output_folder(out)  # before the sampling, not once its results are to be written
     with err_console.status("sampling and recording attention", spinner="dots"):
         report = run_analysis(
             model, prompts, height=height, width=width, steps=steps,

@@ -55,6 +55,7 @@ from .interop import adapter_for
 from .loading import load_model, locate_model
 from .mixers import INITS, MIXERS
 from .progress import advance, progress_bar
+from .runtime import check_output_folder
 from .sampling import default_guidance
 from .surgery import DeltaConvAdapter, ReplacedSelfAttention
 
@@ -383,6 +384,7 @@ def distill(
     from accelerate import Accelerator
 
     out = Path(out)
+    check_output_folder(out)
     if config.report_guidance is None:
         config = replace(config, report_guidance=default_guidance(model))
     dataset = open_data(data, config.seed)

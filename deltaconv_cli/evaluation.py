@@ -23,7 +23,7 @@ from .conditioning import use_tiled_vae
 from .errors import DeltaConvError
 from .imaging import psnr, save_grid, ssim
 from .profile import time_systems
-from .runtime import Timer
+from .runtime import Timer, check_output_folder
 from .sampling import (
     SampleSettings,
     StepCallback,
@@ -142,6 +142,13 @@ def folder_features(folder: Path, feature: str, device: torch.device) -> np.ndar
                                mode="clean", custom_fn_resize=resize, verbose=False)  # fmt: skip
 
 
+def count_images(folder: Path) -> int:
+    """The images in ``folder`` and below that clean-fid reads (by its extensions)."""
+    from cleanfid.fid import EXTENSIONS
+
+    return sum(1 for f in folder.rglob("*") if f.suffix[1:] in EXTENSIONS and f.is_file())
+
+
 MIN_FID_IMAGES = 2  # a covariance needs two samples
 FEW_FID_IMAGES = 200  # below this FID is dominated by its bias and noise (clean-fid uses 10k-50k)
 
@@ -179,8 +186,14 @@ def plan_fid(model: str, reference: str | None, feature: str | None, images: int
         raise DeltaConvError("--reference original needs the original model among the systems")
     if reference == DEMO and not demo:
         raise DeltaConvError("--reference demo holds the demo's scenes; it is a reference for the demo only")
-    if reference not in ("original", DEMO) and not Path(reference).is_dir():
-        raise DeltaConvError(f"reference folder {reference} not found")
+    if reference not in ("original", DEMO):
+        if not Path(reference).is_dir():
+            raise DeltaConvError(f"reference folder {reference} not found")
+        found = count_images(Path(reference))
+        if found < MIN_FID_IMAGES:
+            raise DeltaConvError(
+                f"reference folder {reference} holds {found} images; FID needs at least {MIN_FID_IMAGES}"
+            )
     if feature == "inception" and not INCEPTION_FILE.is_file():
         other = ", or use --feature domain" if demo else ""
         raise DeltaConvError(
@@ -343,6 +356,7 @@ def evaluate(
         settings = replace(settings, guidance=default_guidance(model))
     fid_plan = plan_fid(str(model), reference, settings.feature, len(prompts), include_original)
     out = Path(out)
+    check_output_folder(out)
     loaded = load_for_sampling(model, None, device, dtype)
     if loaded.adapter is not None:  # the converted folder's own blocks stand for their mixer
         if loaded.adapter.config.mixer == "linfusion":
@@ -359,6 +373,12 @@ def evaluate(
             "nothing to evaluate: give --adapter and/or --linfusion-adapter, or keep the original"
         )
     pipe, dev = loaded.pipe, denoiser_of(loaded.pipe).device
+    # Every student's blocks are read before any image is generated: a bad adapter costs no work.
+    student_blocks = {name: adapter_for(path, pipe) for name, path in students.items()}
+    for name, blocks in student_blocks.items():
+        if blocks.config.mixer != name:
+            raise DeltaConvError(f"{students[name]} holds {blocks.config.mixer} blocks, not {name}")
+        blocks.check_matches(denoiser_of(pipe))
     size = resolve_size(loaded, settings.height, settings.width)
     tiled = use_tiled_vae(pipe, size)
     scheduler = set_scheduler(pipe, settings.scheduler)
@@ -389,9 +409,7 @@ def evaluate(
     adapters: dict[str, DeltaConvAdapter | None] = {}
     for name in systems:
         path = students.get(name)
-        blocks = adapters[name] = adapter_for(path, pipe).mount(pipe) if path else None
-        if blocks is not None and blocks.config.mixer != name:
-            raise DeltaConvError(f"{path} holds {blocks.config.mixer} blocks, not {name}")
+        blocks = adapters[name] = student_blocks[name].mount(pipe) if path else None
         folder = out / "images" / name
         fingerprint = _fingerprint(generation, path)
         reused = _cached(folder, fingerprint, len(prompts))

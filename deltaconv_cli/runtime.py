@@ -1,5 +1,6 @@
-"""Small helpers every command shares: devices and dtypes by name, parameter counts, human-readable
-units, and the interleaved timer (timing in turns, medians) that ``profile`` and ``eval`` use."""
+"""Small helpers every command shares: devices and dtypes by name, the output folder's check, parameter
+counts, human-readable units, and the interleaved timer (timing in turns, medians) that ``profile`` and
+``eval`` use."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -43,6 +45,12 @@ def checked_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeltaConvError(f"--device {name} asked for, but no CUDA device is available")
     return device
+
+
+def check_output_folder(out: Path) -> None:
+    """A clear error, before any work, where ``out`` cannot become a folder (it is a file)."""
+    if out.exists() and not out.is_dir():
+        raise DeltaConvError(f"{out} exists and is not a folder")
 
 
 def numel(module: nn.Module) -> int:

@@ -40,7 +40,7 @@ from .imaging import save_grid, to_uint8
 from .interop import adapter_for
 from .loading import load_model, locate_model
 from .progress import advance, progress_bar
-from .runtime import PeakMemory, checked_device, default_device, torch_dtype
+from .runtime import PeakMemory, check_output_folder, checked_device, default_device, torch_dtype
 from .surgery import DeltaConvAdapter
 
 StepCallback = Callable[[], None] | None  # called after every denoising step (progress)
@@ -238,6 +238,7 @@ def sample(
         raise DeltaConvError("no prompts given")
     settings.check()
     check_batch_size(batch_size)
+    check_output_folder(Path(out))
     if settings.guidance is None:
         settings = replace(settings, guidance=default_guidance(model))
     state = PartialState()

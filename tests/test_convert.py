@@ -165,6 +165,12 @@ def test_pickle_only_weights_are_refused(tmp_path):
     assert_one_line_error(result, "has only pickle weights (diffusion_pytorch_model.bin)")
 
 
+def test_negative_seed_is_refused_before_anything_is_written(tmp_path):
+    result = cli("convert", "demo", "-o", tmp_path / "out", "--seed", "-1")
+    assert_one_line_error(result, "seed must be >= 0, got -1")
+    assert not (tmp_path / "out").exists()
+
+
 def test_even_kernel_size_is_refused(saved_pipelines, tmp_path):
     result = cli("convert", saved_pipelines["sd1"], "-o", tmp_path / "out", "-k", "4")
     assert_one_line_error(result, "kernel sizes must be positive odd numbers, got 4")

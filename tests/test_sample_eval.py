@@ -289,3 +289,67 @@ def test_fid_without_reference_is_skipped_with_the_reason(converted, tmp_path):
     report = json.loads((tmp_path / "e.json").read_text())
     assert report["skipped"]["fid"].startswith("no --reference given")
     assert all(system["fid"] is None for system in report["systems"])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sample", "demo", "-p", "x"],
+        ["eval", "demo", "--prompts", "demo:2"],
+        ["analyze", "demo"],
+        ["distill", "demo", "--data", "demo", "--recipe", "demo"],
+        ["convert", "demo"],
+    ],
+)
+def test_an_output_path_that_is_a_file_fails_before_any_model_is_loaded(command, tmp_path, monkeypatch):
+    import deltaconv_cli.distill
+    import deltaconv_cli.sampling
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the output folder was checked")
+
+    for module in (deltaconv_cli.sampling, deltaconv_cli.distill):
+        monkeypatch.setattr(module, "load_model", no_loading)
+    out = tmp_path / "taken"
+    out.write_text("a file of the user's")
+    result = runner.invoke(app, [*command, "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == f"error: {out} exists and is not a folder"
+    assert out.read_text() == "a file of the user's"
+
+
+def test_a_reference_folder_without_images_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
+    import deltaconv_cli.sampling
+
+    monkeypatch.setattr(
+        deltaconv_cli.sampling, "load_model", lambda *a, **k: pytest.fail("a model was loaded")
+    )
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "notes.txt").write_text("not an image")
+    out = tmp_path / "e"
+    args = ["eval", "demo", "--prompts", "demo:2", "--reference", str(reference), "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert (
+        result.stderr.strip() == f"error: reference folder {reference} holds 0 images; FID needs at least 2"
+    )
+    assert not out.exists()
+
+
+def test_an_adapter_for_another_model_fails_before_any_image_is_generated(
+    converted, saved_pipelines, tmp_path
+):
+    from deltaconv_cli.loading import load_model, locate_model
+    from deltaconv_cli.surgery import DeltaConvAdapter
+
+    other = tmp_path / "sdxl-adapter"
+    DeltaConvAdapter.construct_for(load_model(locate_model(saved_pipelines["sdxl"]))).save_pretrained(other)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    out = tmp_path / "e"
+    args = ["eval", str(converted), "--prompts", prompts, "--adapter", other, "--steps", "1", "--out", out]
+    result = runner.invoke(app, list(map(str, args)))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: adapter ")
+    assert not out.exists()
