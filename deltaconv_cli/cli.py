@@ -55,12 +55,27 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def check_file_target(option: str, target: Path | None, suffix: str | None = None) -> None:
+    """A clear error, before a command's work, for a file option (``--json``, ``--plot``) that could not be
+    written once the work is done: a folder, a path through a file, or the wrong kind of file."""
+    if target is None or str(target) == "-":
+        return
+    if target.is_dir():
+        raise DeltaConvError(f"{option} {target} is a folder; give a file name")
+    blocked = next((parent for parent in target.parents if parent.exists() and not parent.is_dir()), None)
+    if blocked is not None:
+        raise DeltaConvError(f"{option} {target} cannot be written: {blocked} is a file, not a folder")
+    if suffix is not None and target.suffix.lower() != suffix:
+        raise DeltaConvError(f"{option} writes a {suffix[1:].upper()} file: give a name ending in {suffix}")
+
+
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a DeltaConvError into one line on stderr and exit code 1."""
+    """Turn a DeltaConvError into one line on stderr and exit code 1; check ``--json`` before the work."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
+            check_file_target("--json", kwargs.get("json_out"))
             return command(*args, **kwargs)
         except DeltaConvError as err:
             raise fail(str(err)) from None
@@ -511,6 +526,7 @@ def profile(
     """Cost of self-attention vs ΔConvBlock vs LinFusion; --end-to-end: whole pipelines vs image size."""
     from . import profile as profiling
 
+    check_file_target("--plot", plot_out, ".png")
     given = [*res, *ctx.args]
     if _looks_like_resolution(model) and not Path(model).exists():  # `--res 512 1024` fills MODEL
         given, model = [*given, model], "sd15"

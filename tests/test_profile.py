@@ -171,6 +171,26 @@ def test_timing_options_need_timing_and_sense(args, message):
     assert result.stderr.strip() == f"error: {message}"
 
 
+@pytest.mark.parametrize(
+    ("option", "name", "message"),
+    [
+        ("--json", "folder", "--json {path} is a folder; give a file name"),
+        ("--json", "file/x.json", "--json {path} cannot be written: {file} is a file, not a folder"),
+        ("--plot", "folder", "--plot {path} is a folder; give a file name"),
+        ("--plot", "cost.jpg", "--plot writes a PNG file: give a name ending in .png"),
+    ],
+)
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_work(option, name, message, tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("the user's")
+    path = tmp_path / name
+    result = runner.invoke(app, ["profile", "sd15", "--res", "512", option, str(path)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: " + message.format(path=path, file=tmp_path / "file")
+    assert not result.stdout
+    assert (tmp_path / "file").read_text() == "the user's"
+
+
 def test_resolution_that_does_not_fit_the_model():
     result = runner.invoke(app, ["profile", "sdxl", "--res", "1000"])
     assert result.exit_code == 1
