@@ -369,6 +369,10 @@ class NonFiniteLoss(DeltaConvError):
     pass
 
 
+class UnreadableData(DeltaConvError):
+    """A training sample that cannot be read (a damaged image): the run stops but keeps its progress."""
+
+
 def distill(
     model: str,
     data: str,
@@ -590,10 +594,16 @@ class MicroBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.config.steps * self.config.gradient_accumulation_steps
 
-    def __getitem__(self, micro_step: int) -> tuple[torch.Tensor, list[str], list[tuple[int, int, int]]]:
+    def __getitem__(
+        self, micro_step: int
+    ) -> tuple[torch.Tensor, list[str], list[tuple[int, int, int]]] | UnreadableData:
         config = self.config
         indices = batch_indices(micro_step, config.batch_size, len(self.dataset), config.seed)
-        samples = [self.dataset[indices[i]] for i in self.mine]
+        try:
+            samples = [self.dataset[indices[i]] for i in self.mine]
+        except DeltaConvError as err:
+            # Raised in a worker process, it would reach the user inside a traceback: hand it over as a value.
+            return UnreadableData(str(err))
         images = torch.stack([image_tensor(s.image, config.resolution) for s in samples])
         return images, [s.caption for s in samples], [(config.seed, micro_step, i) for i in self.mine]
 
@@ -608,7 +618,10 @@ def _micro_batches(dataset: Any, config: DistillConfig, start: int, accelerator:
         sampler=range(start * accumulation, config.steps * accumulation),
         num_workers=config.num_workers,
     )
-    return iter(loader)
+    for micro_batch in loader:
+        if isinstance(micro_batch, UnreadableData):
+            raise micro_batch
+        yield micro_batch
 
 
 @dataclass
@@ -654,12 +667,15 @@ class TrainingRun:
                         on_step(self.step, terms)
                     if self.step % config.checkpoint_every == 0 or self.step == config.steps:
                         last_good = self._save()
-            except KeyboardInterrupt:
-                saved = self._save() if self.step > start else last_good
-                message = f"interrupted at step {self.step}; saved {saved}; continue with --resume"
-                raise DeltaConvError(
-                    message if saved else f"interrupted at step {self.step}, before any checkpoint"
-                ) from None
+            except (KeyboardInterrupt, UnreadableData) as err:
+                why = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{err}; stopped"
+                # One process of several cannot save alone: the others wait for it elsewhere.
+                single = accelerator.num_processes == 1
+                saved = self._save() if self.step > start and single else last_good
+                if saved is None:
+                    raise DeltaConvError(f"{why} at step {self.step}, before any checkpoint") from None
+                message = f"{why} at step {self.step}; saved {saved}; continue with --resume"
+                raise DeltaConvError(message) from None
         return self.step
 
     def _log(self, record: dict[str, float]) -> None:

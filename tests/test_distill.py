@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -333,6 +334,44 @@ def test_a_failure_on_the_first_batch_leaves_no_run_folder(saved_pipelines, tmp_
     (data / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "a cat"}\n')
     out = tmp_path / "run"
     assert "cannot read image" in cli_error(saved_pipelines["sd1"], "--data", data, "--out", out)
+    assert not out.exists()
+
+
+def test_an_image_damaged_mid_run_stops_with_progress_saved(saved_pipelines, image_folder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    originals = {path: path.read_bytes() for path in data.glob("*.png")}
+
+    def damage_every_image(step, terms):
+        if step == 1:  # the next step reads the four images the first did not
+            for path in originals:
+                path.write_bytes(b"not an image")
+
+    with pytest.raises(DeltaConvError) as caught:
+        distillation.distill(str(saved_pipelines["sd1"]), str(data), tmp_path / "run",
+                             tiny_config(calibration_samples=0, checkpoint_every=4),
+                             show_progress=False, on_step=damage_every_image)  # fmt: skip
+    message = str(caught.value)
+    assert message.startswith(f"cannot read image {data}")
+    saved = tmp_path / "run" / "checkpoints" / "step-0000001"
+    assert message.endswith(f"; stopped at step 1; saved {saved}; continue with --resume")
+    for path, content in originals.items():
+        path.write_bytes(content)
+    result = distillation.distill(str(saved_pipelines["sd1"]), str(data), tmp_path / "run",
+                                  tiny_config(calibration_samples=0, checkpoint_every=4), resume=True,
+                                  show_progress=False)  # fmt: skip
+    assert result.steps_done == 4
+
+
+def test_an_unreadable_image_in_a_worker_process_is_one_line(saved_pipelines, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.png").write_bytes(b"not an image")
+    (data / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "a cat"}\n')
+    out = tmp_path / "run"
+    line = cli_error(saved_pipelines["sd1"], "--data", data, "--out", out,
+                     "--set", "calibration_samples=0", "--set", "num_workers=1")  # fmt: skip
+    assert line.startswith(f"error: cannot read image {data / 'x.png'}: ")
     assert not out.exists()
 
 
