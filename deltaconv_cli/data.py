@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .demo import DEMO
 from .errors import DeltaConvError
+from .runtime import read_text_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -46,7 +47,7 @@ class ImageFolderData:
                 '{"file_name": "0001.png", "text": "a caption"}'
             )
         self.entries: list[tuple[Path, str]] = []
-        for number, line in enumerate(metadata.read_text().splitlines(), start=1):
+        for number, line in enumerate(read_text_file(metadata).splitlines(), start=1):
             if not line.strip():
                 continue
             try:

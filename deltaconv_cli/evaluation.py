@@ -23,7 +23,7 @@ from .conditioning import use_tiled_vae
 from .errors import DeltaConvError
 from .imaging import psnr, save_grid, ssim
 from .profile import time_systems
-from .runtime import Timer, check_output_folder
+from .runtime import Timer, check_output_folder, read_text_file
 from .sampling import (
     SampleSettings,
     StepCallback,
@@ -300,7 +300,7 @@ def read_prompts(spec: str) -> tuple[list[str], str | None]:
     path = Path(spec)
     if not path.is_file():
         raise DeltaConvError(f"prompt file {spec} not found (or use {DEMO}:N for held-out demo captions)")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text_file(path).splitlines() if line.strip()]
     if not prompts:
         raise DeltaConvError(f"prompt file {spec} holds no prompts")
     return prompts, None
@@ -318,11 +318,12 @@ def _fingerprint(settings: dict[str, Any], adapter: str | None) -> dict[str, Any
 
 
 def _cached(folder: Path, fingerprint: dict[str, Any], count: int) -> bool:
-    marker = folder / "settings.json"
-    return (
-        marker.is_file()
-        and json.loads(marker.read_text()) == json.loads(json.dumps(fingerprint))
-        and all((folder / f"{i:05d}.png").is_file() for i in range(count))
+    try:  # a marker cut short (a run killed while writing it) means: generate again
+        recorded = json.loads((folder / "settings.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return recorded == json.loads(json.dumps(fingerprint)) and all(
+        (folder / f"{i:05d}.png").is_file() for i in range(count)
     )
 
 

@@ -50,7 +50,7 @@ class ModelFolder:
         """Pixels per latent position: from the pipeline's VAE, else 8 (every SD/SDXL/PixArt VAE)."""
         vae_config = self.path / "vae" / "config.json"
         if self.is_pipeline and vae_config.is_file():
-            return 2 ** (len(_read_json(vae_config).get("block_out_channels", [0] * 4)) - 1)
+            return 2 ** (len(read_json_object(vae_config).get("block_out_channels", [0] * 4)) - 1)
         return 8
 
     @property
@@ -58,11 +58,12 @@ class ModelFolder:
         """The noise schedule's length: from the pipeline's scheduler, else 1000 (diffusers' default)."""
         scheduler_config = self.path / "scheduler" / "scheduler_config.json"
         if self.is_pipeline and scheduler_config.is_file():
-            return int(_read_json(scheduler_config).get("num_train_timesteps", 1000))
+            return int(read_json_object(scheduler_config).get("num_train_timesteps", 1000))
         return 1000
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; one clear line where the file is missing, damaged or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -112,17 +113,17 @@ def locate_model(source: str | Path, *, config_only: bool = False) -> ModelFolde
     if not path.is_dir():
         raise DeltaConvError(f"{source} is not a folder; expected a diffusers pipeline or model folder")
     if (path / "model_index.json").is_file():
-        index = _read_json(path / "model_index.json")
+        index = read_json_object(path / "model_index.json")
         subfolder = next((c for c in DENOISER_COMPONENTS if c in index), None)
         if subfolder is None:
             raise DeltaConvError(
                 f"{index.get('_class_name', 'this pipeline')} at {path} has no unet or transformer; "
                 f"supported: {supported_text()}"
             )
-        config = _read_json(path / subfolder / "config.json")
+        config = read_json_object(path / subfolder / "config.json")
         folder = ModelFolder(path, True, subfolder, str(index[subfolder][-1]), config)
     elif (path / "config.json").is_file():
-        config = _read_json(path / "config.json")
+        config = read_json_object(path / "config.json")
         folder = ModelFolder(path, False, None, str(config.get("_class_name")), config)
     else:
         raise DeltaConvError(

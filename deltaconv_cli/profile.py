@@ -10,7 +10,6 @@ zero) and a tracker of the bytes of live intermediate tensors (activation memory
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ from .architectures import (
 )
 from .block import DeltaConvBlock
 from .errors import DeltaConvError
-from .loading import locate_model
+from .loading import locate_model, read_json_object
 from .mixers import MIXERS as MIXER_KINDS
 from .runtime import LiveBytes, Timer, checked_device, free_bytes, numel, torch_dtype
 from .surgery import DeltaConvAdapter, default_kernel_sizes, find_self_attention_sites, trace_token_grids
@@ -171,9 +170,13 @@ def resolve_architecture(source: str) -> Architecture:
     sizes = None
     adapter_config = folder.adapter_path / "config.json"
     if adapter_config.is_file():
-        config = json.loads(adapter_config.read_text())
+        config = read_json_object(adapter_config)
         if config.get("mixer", "deltaconv") == "deltaconv":
-            sizes = dict(zip(config["targets"], config["kernel_sizes"], strict=True))
+            targets, kernel_sizes = config.get("targets"), config.get("kernel_sizes")
+            listed = isinstance(targets, list) and isinstance(kernel_sizes, list)
+            if not listed or len(targets) != len(kernel_sizes):
+                raise DeltaConvError(f"{adapter_config} does not list the adapter's targets and kernel_sizes")
+            sizes = dict(zip(targets, kernel_sizes, strict=True))
     return Architecture(str(source), folder.denoiser_class, folder.denoiser_config, folder.vae_factor, sizes)
 
 

@@ -1,6 +1,6 @@
-"""Small helpers every command shares: devices and dtypes by name, the output folder's check, parameter
-counts, human-readable units, and the interleaved timer (timing in turns, medians) that ``profile`` and
-``eval`` use."""
+"""Small helpers every command shares: devices and dtypes by name, the output folder's check, reading a
+user's text file, parameter counts, human-readable units, and the interleaved timer (timing in turns,
+medians) that ``profile`` and ``eval`` use."""
 
 from __future__ import annotations
 
@@ -51,6 +51,16 @@ def check_output_folder(out: Path) -> None:
     """A clear error, before any work, where ``out`` cannot become a folder (it is a file)."""
     if out.exists() and not out.is_dir():
         raise DeltaConvError(f"{out} exists and is not a folder")
+
+
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of a file the user named; one clear line where it cannot be read as such."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DeltaConvError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise DeltaConvError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def numel(module: nn.Module) -> int:

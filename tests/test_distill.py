@@ -254,6 +254,10 @@ def test_clear_errors(saved_pipelines, image_folder, tmp_path):
     assert "metadata.jsonl line 2: expected a JSON object" in cli_error(
         saved_pipelines["sd1"], "--data", bad, "--out", tmp_path / "b"
     )
+    (bad / "metadata.jsonl").write_bytes(b'{"file_name": "x.png", "text": "caf\xe9"}\n')  # Latin-1
+    assert cli_error(saved_pipelines["sd1"], "--data", bad, "--out", tmp_path / "b") == (
+        f"error: {bad / 'metadata.jsonl'} is not UTF-8 text (byte 35: invalid continuation byte)"
+    )
     assert "--steps must be a positive number, got 0" in cli_error(
         saved_pipelines["sd1"], "--data", image_folder, "--steps", "0", "--out", tmp_path / "c"
     )

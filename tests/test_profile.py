@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from functools import partial
 
 import pytest
@@ -189,6 +190,23 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_the_work(option
     assert result.stderr.strip() == "error: " + message.format(path=path, file=tmp_path / "file")
     assert not result.stdout
     assert (tmp_path / "file").read_text() == "the user's"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ('{"targets": ["a"]', "cannot read {path}: Expecting ',' delimiter: line 1 column 18 (char 17)"),
+        ('{"targets": ["a"]}', "{path} does not list the adapter's targets and kernel_sizes"),
+    ],
+)
+def test_a_damaged_adapter_config_is_one_line(config, message, converted, tmp_path):
+    folder = tmp_path / "converted"
+    shutil.copytree(converted, folder)
+    path = folder / "deltaconv" / "config.json"
+    path.write_text(config)
+    result = runner.invoke(app, ["profile", str(folder), "--res", "64"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == "error: " + message.format(path=path)
 
 
 def test_resolution_that_does_not_fit_the_model():

@@ -195,6 +195,11 @@ def test_eval_end_to_end_and_reuse(converted, tmp_path):
         and "reused the 4 images of deltaconv" in second.stdout
     )
     assert (tmp_path / "e" / "grid.png").is_file()
+    (tmp_path / "e" / "images" / "deltaconv" / "settings.json").write_text('{"steps": 2')  # cut short
+    third = runner.invoke(app, args[:-2])
+    assert third.exit_code == 0, third.output
+    assert "reused the 4 images of original" in third.stdout
+    assert "reused the 4 images of deltaconv" not in third.stdout
 
 
 def test_a_model_without_adapter_samples_as_the_original(tmp_path):
@@ -316,6 +321,22 @@ def test_an_output_path_that_is_a_file_fails_before_any_model_is_loaded(command,
     assert result.exit_code == 1, result.output
     assert result.stderr.strip() == f"error: {out} exists and is not a folder"
     assert out.read_text() == "a file of the user's"
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_a_prompt_file_that_is_not_text_fails_before_any_model_is_loaded(command, tmp_path, monkeypatch):
+    import deltaconv_cli.sampling
+
+    monkeypatch.setattr(
+        deltaconv_cli.sampling, "load_model", lambda *a, **k: pytest.fail("a model was loaded")
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a red circle\n\xff\xfe")
+    out = tmp_path / "out"
+    result = runner.invoke(app, [command, "demo", "--prompts", str(prompts), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == f"error: {prompts} is not UTF-8 text (byte 13: invalid start byte)"
+    assert not out.exists()
 
 
 def test_a_reference_folder_without_images_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
