@@ -24,6 +24,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from .architectures import denoiser_of
 from .errors import DeltaConvError
 from .loading import locate_model
+from .runtime import check_seeds
 from .surgery import attach_token_grids, default_kernel_sizes, find_self_attention_sites
 
 WINDOW = 12  # the mean pattern around a query is kept for offsets up to this many tokens
@@ -360,6 +361,7 @@ def analyze(
     if outside:
         raise DeltaConvError(f"timestep band edges must lie in 1..{timesteps - 1}, got {outside[0]}")
     prompts = list(prompts) or default_prompts(model)
+    check_seeds(range(seed, seed + len(prompts)))
     guidance = default_guidance(model) if guidance is None else guidance
     loaded = load_for_sampling(model, None, device, dtype)
     if loaded.adapter is not None:

@@ -25,7 +25,7 @@ from .demo import DEMO
 from .errors import DeltaConvError
 from .loading import ADAPTER_DIR, PICKLE_SUFFIXES, load_attention_weights, load_model, locate_model
 from .mixers import check_init
-from .runtime import check_output_folder, numel
+from .runtime import check_output_folder, check_seeds, numel
 from .surgery import DeltaConvAdapter, find_self_attention_sites, trace_token_grids
 
 
@@ -133,8 +133,7 @@ def convert(
     with ``weights``, the blocks (and other denoiser tensors) of released weights, in whatever layout
     (:data:`deltaconv_cli.interop.FORMATS`)."""
     check_init(init)
-    if seed < 0:  # it also draws the calibration scenes, and numpy's generators take no negative seed
-        raise DeltaConvError(f"seed must be >= 0, got {seed}")
+    check_seeds([seed])
     if weights is not None:
         given = {"kernel sizes": kernel_sizes is not None, "a gate": gate != "scaled",
                  "an init": init != "teacher", "calibration data": calibration_data is not None}  # fmt: skip

@@ -23,7 +23,7 @@ from .conditioning import use_tiled_vae
 from .errors import DeltaConvError
 from .imaging import psnr, save_grid, ssim
 from .profile import time_systems
-from .runtime import Timer, check_output_folder, read_text_file
+from .runtime import Timer, check_output_folder, check_seeds, read_text_file
 from .sampling import (
     SampleSettings,
     StepCallback,
@@ -353,6 +353,7 @@ def evaluate(
     if not prompts:
         raise DeltaConvError("no prompts given")
     settings.check()
+    check_seeds(range(settings.seed, settings.seed + len(prompts)))
     if settings.guidance is None:
         settings = replace(settings, guidance=default_guidance(model))
     fid_plan = plan_fid(str(model), reference, settings.feature, len(prompts), include_original)

@@ -1,6 +1,6 @@
-"""Small helpers every command shares: devices and dtypes by name, the output folder's check, reading a
-user's text file, parameter counts, human-readable units, and the interleaved timer (timing in turns,
-medians) that ``profile`` and ``eval`` use."""
+"""Small helpers every command shares: devices and dtypes by name, the checks of an output folder and of
+seeds, reading a user's text file, parameter counts, human-readable units, and the interleaved timer
+(timing in turns, medians) that ``profile`` and ``eval`` use."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,17 @@ def check_output_folder(out: Path) -> None:
     """A clear error, before any work, where ``out`` cannot become a folder (it is a file)."""
     if out.exists() and not out.is_dir():
         raise DeltaConvError(f"{out} exists and is not a folder")
+
+
+def check_seeds(seeds: Sequence[int]) -> None:
+    """Seeds as torch's generators take them: a negative seed would stand for a large one (-1 for
+    2**64 - 1), and one from 2**64 on would fail only once the model is loaded."""
+    if not seeds:
+        raise DeltaConvError("no seeds given")
+    if min(seeds) < 0:
+        raise DeltaConvError(f"seed must be >= 0, got {min(seeds)}")
+    if max(seeds) >= 2**64:
+        raise DeltaConvError(f"seeds must be below 2**64, got {max(seeds)}")
 
 
 def read_text_file(path: Path) -> str:

@@ -40,7 +40,14 @@ from .imaging import save_grid, to_uint8
 from .interop import adapter_for
 from .loading import load_model, locate_model
 from .progress import advance, progress_bar
-from .runtime import PeakMemory, check_output_folder, checked_device, default_device, torch_dtype
+from .runtime import (
+    PeakMemory,
+    check_output_folder,
+    check_seeds,
+    checked_device,
+    default_device,
+    torch_dtype,
+)
 from .surgery import DeltaConvAdapter
 
 StepCallback = Callable[[], None] | None  # called after every denoising step (progress)
@@ -237,6 +244,7 @@ def sample(
     if not prompts:
         raise DeltaConvError("no prompts given")
     settings.check()
+    check_seeds(seeds)
     check_batch_size(batch_size)
     check_output_folder(Path(out))
     if settings.guidance is None:

@@ -153,6 +153,8 @@ def test_real_attention_cli(saved_pipelines, tmp_path):
         (["--queries", "0"], "queries must be at least 1, got 0"),
         (["--timesteps", "0,500"], "timestep band edges must lie in 1..999, got 0"),
         (["--timesteps", "333,1000"], "timestep band edges must lie in 1..999, got 1000"),
+        (["--seed", "-2"], "seed must be >= 0, got -2"),
+        (["--seed", str(2**64)], f"seeds must be below 2**64, got {2**64}"),
     ],
 )
 def test_bad_options_fail_before_any_model_is_loaded(args, message, saved_pipelines, tmp_path, monkeypatch):

@@ -165,9 +165,13 @@ def test_pickle_only_weights_are_refused(tmp_path):
     assert_one_line_error(result, "has only pickle weights (diffusion_pytorch_model.bin)")
 
 
-def test_negative_seed_is_refused_before_anything_is_written(tmp_path):
-    result = cli("convert", "demo", "-o", tmp_path / "out", "--seed", "-1")
-    assert_one_line_error(result, "seed must be >= 0, got -1")
+@pytest.mark.parametrize(
+    ("seed", "message"),
+    [(-1, "seed must be >= 0, got -1"), (2**64, f"seeds must be below 2**64, got {2**64}")],
+)
+def test_a_seed_torch_cannot_take_is_refused_before_anything_is_written(seed, message, tmp_path):
+    result = cli("convert", "demo", "-o", tmp_path / "out", "--seed", seed)
+    assert_one_line_error(result, message)
     assert not (tmp_path / "out").exists()
 
 

@@ -222,6 +222,7 @@ def test_compare_metadata_names_the_adapter_only_on_the_student(converted, tmp_p
 
 
 DEMO_N = "prompts demo:N takes a positive number of captions, got"
+TOO_LARGE_SEED = f"seeds must be below 2**64, got {2**64}"
 
 
 @pytest.mark.parametrize(
@@ -238,6 +239,10 @@ DEMO_N = "prompts demo:N takes a positive number of captions, got"
         ("eval", ["--prompts", "demo:2", "--batch-size", "0"], "batch size must be at least 1, got 0"),
         ("eval", ["--prompts", "demo:2", "--height", "0"], "height must be a positive number of pixels"),
         ("eval", ["--prompts", "demo:2", "--feature", "dino"], "FID features must be inception or domain"),
+        ("sample", ["-p", "x", "--seed", "-1"], "seed must be >= 0, got -1"),
+        ("sample", ["-p", "x", "-n", "2", "--seed", str(2**64 - 1)], TOO_LARGE_SEED),
+        ("eval", ["--prompts", "demo:2", "--seed", "-1"], "seed must be >= 0, got -1"),
+        ("eval", ["--prompts", "demo:2", "--seed", str(2**64 - 1)], TOO_LARGE_SEED),
     ],
 )
 def test_bad_settings_fail_before_any_model_is_loaded(command, args, message, tmp_path, monkeypatch):
