@@ -70,7 +70,8 @@ def check_file_target(option: str, target: Path | None, suffix: str | None = Non
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a DeltaConvError into one line on stderr and exit code 1; check ``--json`` before the work."""
+    """Turn a DeltaConvError, or the file system's refusal, into one line on stderr and exit code 1; check
+    ``--json`` before the work."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -79,6 +80,8 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except DeltaConvError as err:
             raise fail(str(err)) from None
+        except OSError as err:  # the file system refused: no space left, no permission, a read-only place
+            raise fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err)) from None
 
     return run
 

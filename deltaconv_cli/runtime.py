@@ -5,6 +5,7 @@ seeds, reading a user's text file, parameter counts, human-readable units, and t
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import statistics
 import sys
@@ -48,9 +49,15 @@ def checked_device(name: str) -> torch.device:
 
 
 def check_output_folder(out: Path) -> None:
-    """A clear error, before any work, where ``out`` cannot become a folder (it is a file)."""
+    """A clear error, before any work, where ``out`` cannot become a folder: it is a file, a path through a
+    file, or under a folder this process may not write to."""
     if out.exists() and not out.is_dir():
         raise DeltaConvError(f"{out} exists and is not a folder")
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir():
+        raise DeltaConvError(f"{out} cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DeltaConvError(f"{out} cannot be written: {existing} is not writable")
 
 
 def check_seeds(seeds: Sequence[int]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -342,6 +343,35 @@ def test_a_prompt_file_that_is_not_text_fails_before_any_model_is_loaded(command
     assert result.exit_code == 1, result.output
     assert result.stderr.strip() == f"error: {prompts} is not UTF-8 text (byte 13: invalid start byte)"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [["sample", "demo", "-p", "x"], ["analyze", "demo"]])
+def test_an_output_path_through_a_file_fails_before_any_model_is_loaded(command, tmp_path, monkeypatch):
+    import deltaconv_cli.sampling
+
+    monkeypatch.setattr(
+        deltaconv_cli.sampling, "load_model", lambda *a, **k: pytest.fail("a model was loaded")
+    )
+    taken = tmp_path / "taken"
+    taken.write_text("a file of the user's")
+    result = runner.invoke(app, [*command, "--out", str(taken / "out")])
+    assert result.exit_code == 1, result.output
+    assert (
+        result.stderr.strip() == f"error: {taken / 'out'} cannot be written: {taken} is a file, not a folder"
+    )
+
+
+def test_a_full_disk_is_one_line(converted, tmp_path, monkeypatch):
+    import deltaconv_cli.sampling
+
+    def no_space(image, path, metadata):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(deltaconv_cli.sampling, "save_png", no_space)
+    result = runner.invoke(app, ["sample", str(converted), "-p", "x", "--steps", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    last = result.stderr.strip().splitlines()[-1]  # after the progress lines
+    assert last == f"error: No space left on device: {tmp_path / 'p00000-s0.png'}"
 
 
 def test_a_reference_folder_without_images_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
