@@ -331,13 +331,19 @@ def test_bad_settings_fail_before_any_model_is_loaded(
     assert not out.exists()
 
 
-def test_a_failure_on_the_first_batch_leaves_no_run_folder(saved_pipelines, tmp_path):
+@pytest.mark.parametrize(
+    "reader",
+    [[], ["--set", "calibration_samples=0", "--set", "num_workers=1"]],
+    ids=["this-process", "worker-process"],
+)
+def test_a_failure_on_the_first_batch_is_one_line_and_leaves_no_run_folder(reader, saved_pipelines, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "x.png").write_bytes(b"not an image")
     (data / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "a cat"}\n')
     out = tmp_path / "run"
-    assert "cannot read image" in cli_error(saved_pipelines["sd1"], "--data", data, "--out", out)
+    line = cli_error(saved_pipelines["sd1"], "--data", data, "--out", out, *reader)
+    assert line.startswith(f"error: cannot read image {data / 'x.png'}: ")
     assert not out.exists()
 
 
@@ -365,18 +371,6 @@ def test_an_image_damaged_mid_run_stops_with_progress_saved(saved_pipelines, ima
                                   tiny_config(calibration_samples=0, checkpoint_every=4), resume=True,
                                   show_progress=False)  # fmt: skip
     assert result.steps_done == 4
-
-
-def test_an_unreadable_image_in_a_worker_process_is_one_line(saved_pipelines, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "x.png").write_bytes(b"not an image")
-    (data / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "a cat"}\n')
-    out = tmp_path / "run"
-    line = cli_error(saved_pipelines["sd1"], "--data", data, "--out", out,
-                     "--set", "calibration_samples=0", "--set", "num_workers=1")  # fmt: skip
-    assert line.startswith(f"error: cannot read image {data / 'x.png'}: ")
-    assert not out.exists()
 
 
 def test_a_failure_before_the_first_checkpoint_leaves_no_run_folder(
