@@ -1,7 +1,7 @@
 """Measure the embedded demo teacher: prompt adherence on held-out captions and Fréchet distances.
 
     python recipes/evaluate_demo_teacher.py [--pipeline PATH] [--count 200] [--guidance G ...] [--steps 20]
-        [--first-seed 0]
+        [--first-seed 0] [--scheduler NAME]
 
 Prints and writes JSON (--json) with adherence per scene kind, three Fréchet distances in the domain
 extractor's feature space: samples vs real images, real vs real (the floor at this sample size) and
@@ -10,7 +10,9 @@ on the captions' position words (quality.position_reliance). Each result also sa
 facts fail and why (quality.failed_facts), and how well the VAE's reconstructions of the real scenes
 behind those captions adhere (quality.reconstruction_adherence: the ceiling its samples decode to).
 --grid writes a sample grid. --first-seed N samples caption i from the noise of seed N + i instead of i:
-the same captions from other noise, to see how far the sampling seeds alone move a score.
+the same captions from other noise, to see how far the sampling seeds alone move a score. --scheduler
+samples with another of `deltaconv sample`'s schedulers instead of the pipeline's own (the documented
+sampler); the result names the one used.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from deltaconv_cli.errors import DeltaConvError
 from deltaconv_cli.imaging import save_grid
 from deltaconv_cli.loading import demo_path, load_model, locate_model
 from deltaconv_cli.recipes.recipe_cli import run
+from deltaconv_cli.sampling import check_scheduler, set_scheduler
 
 
 def main() -> None:
@@ -44,6 +47,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=RECOMMENDED_STEPS)
     parser.add_argument("--guidance", type=float, nargs="+", default=[RECOMMENDED_GUIDANCE])
     parser.add_argument("--first-seed", type=int, default=0, help="caption i is sampled with seed N + i")
+    parser.add_argument("--scheduler", default=None, help="default: the pipeline's own")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--grid", type=Path, default=None, help="PNG: 16 captions, real scene and sample")
     args = parser.parse_args()
@@ -51,16 +55,20 @@ def main() -> None:
         parser.error(
             f"--count must be at least 1 and --first-seed >= 0, got {args.count} and {args.first_seed}"
         )
+    if args.scheduler is not None:
+        check_scheduler(args.scheduler)
     extractor_folder = args.extractor or demo_path("extractor")
     if not (extractor_folder / "config.json").is_file():
         raise DeltaConvError(f"{extractor_folder} is not a feature extractor folder: it has no config.json")
     pipe = load_model(locate_model(args.pipeline))
     pipe.set_progress_bar_config(disable=True)
+    scheduler = set_scheduler(pipe, args.scheduler)
     extractor = DomainFeatureExtractor.from_pretrained(extractor_folder).eval()
     reliance, reconstruction = position_reliance(pipe), reconstruction_adherence(pipe, args.count)
     results = []
     for guidance in args.guidance:
         quality = generator_quality(pipe, extractor, args.count, args.steps, guidance, args.first_seed)
+        quality["scheduler"] = scheduler
         quality["position_reliance"] = reliance
         quality["vae_reconstruction"] = reconstruction
         samples, captions = quality.pop("samples"), quality.pop("sample_captions")

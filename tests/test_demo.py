@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -273,13 +276,43 @@ def test_shipped_teacher_loads_like_a_user_checkpoint_and_follows_prompts():
     assert errors["moved_caption"] >= 1.25 * errors["own_caption"]
 
 
-def _guidance_interval_recipe():
-    spec = importlib.util.spec_from_file_location(
-        "guidance_interval", Path(__file__).resolve().parents[1] / "recipes" / "guidance_interval.py"
-    )
+def _recipe(name: str):
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _guidance_interval_recipe():
+    return _recipe("guidance_interval")
+
+
+def test_count_histogram_asks_every_colour_and_shape_for_each_number():
+    numbered = _recipe("count_histogram").captions_by_number()
+    asked = {"two": ("count", 2), "three": ("count", 3), "four": ("count", 4), "two mirrored": ("mirror", 2)}
+    assert list(numbered) == list(asked)
+    for label, captions in numbered.items():
+        parsed = [domain.parse_caption(c) for c in captions]
+        assert {(kind, len(objects)) for kind, objects in parsed} == {asked[label]}
+        assert sorted((o[0].color, o[0].shape) for _, o in parsed) == sorted(
+            (c, s) for c in domain.COLORS for s in domain.SHAPES
+        )
+
+
+def test_count_histogram_spreads_the_drawn_numbers_of_each_caption_number(tmp_path: Path):
+    counts = tmp_path / "counts.json"
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "recipes" / "count_histogram.py"),
+               "--seeds", "1", "--steps", "2", "--scheduler", "euler", "--json", str(counts)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(counts.read_text())
+    assert (result["seeds"], result["steps"], result["scheduler"]) == (1, 2, "EulerDiscreteScheduler")
+    for label in ("two", "three", "four", "two mirrored"):
+        assert result[label]["images"] == len(domain.COLORS) * len(domain.SHAPES)
+        for drawn in (result[label]["named_drawn"], result[label]["all_drawn"]):
+            assert all(n.isdigit() for n in drawn) and sum(drawn.values()) == pytest.approx(1.0)
+        assert f"{label}: named colour and shape drawn " in done.stdout
 
 
 def test_guidance_below_sets_each_next_step_and_starts_over_for_the_next_batch():

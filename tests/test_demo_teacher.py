@@ -24,6 +24,7 @@ from deltaconv_cli.demo.teacher import (
 )
 from deltaconv_cli.errors import DeltaConvError
 from deltaconv_cli.progress import progress_bar
+from deltaconv_cli.sampling import SCHEDULERS
 
 RED, BLUE, GREEN = (list(domain.COLORS).index(c) for c in ("red", "blue", "green"))
 CIRCLE, SQUARE, TRIANGLE = range(3)
@@ -224,6 +225,16 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
             "evaluate_demo_teacher.py",
             ["--extractor", "{tmp}"],
             "evaluate_demo_teacher.py: {tmp} is not a feature extractor folder: it has no config.json",
+        ),
+        (
+            "evaluate_demo_teacher.py",
+            ["--scheduler", "fastest"],
+            f"evaluate_demo_teacher.py: unknown scheduler 'fastest'; choose one of {', '.join(SCHEDULERS)}",
+        ),
+        (
+            "count_histogram.py",
+            ["--scheduler", "fastest", "--json", "{tmp}/counts.json"],
+            f"count_histogram.py: unknown scheduler 'fastest'; choose one of {', '.join(SCHEDULERS)}",
         ),
         (
             "train_demo_teacher.py",
