@@ -36,3 +36,17 @@ def converted(saved_pipelines, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted") / "sd1"
     assert CliRunner().invoke(app, ["convert", str(saved_pipelines["sd1"]), "-o", str(out)]).exit_code == 0
     return out
+
+
+@pytest.fixture
+def refuse_model_loading(monkeypatch):
+    """Fails the test if any command loads a model: for input that must be refused before any load."""
+    import deltaconv_cli.convert
+    import deltaconv_cli.distill
+    import deltaconv_cli.sampling
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    for module in (deltaconv_cli.sampling, deltaconv_cli.distill, deltaconv_cli.convert):
+        monkeypatch.setattr(module, "load_model", loaded)

@@ -157,11 +157,9 @@ def test_real_attention_cli(saved_pipelines, tmp_path):
         (["--seed", str(2**64)], f"seeds must be below 2**64, got {2**64}"),
     ],
 )
-def test_bad_options_fail_before_any_model_is_loaded(args, message, saved_pipelines, tmp_path, monkeypatch):
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before the options were checked")
-
-    monkeypatch.setattr("deltaconv_cli.sampling.load_for_sampling", no_loading)
+def test_bad_options_fail_before_any_model_is_loaded(
+    args, message, saved_pipelines, tmp_path, refuse_model_loading
+):
     out = tmp_path / "analysis"
     result = runner.invoke(app, ["analyze", str(saved_pipelines["sd1"]), "-p", "x", *args, "--out", str(out)])
     assert result.exit_code == 1, result.output

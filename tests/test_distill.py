@@ -319,12 +319,8 @@ def test_two_processes_match_one(saved_pipelines, image_folder, tmp_path):
     ],
 )
 def test_bad_settings_fail_before_any_model_is_loaded(
-    args, message, saved_pipelines, image_folder, tmp_path, monkeypatch
+    args, message, saved_pipelines, image_folder, tmp_path, refuse_model_loading
 ):
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before the settings were checked")
-
-    monkeypatch.setattr(distillation, "load_model", no_loading)
     out = tmp_path / "run"
     line = cli_error(saved_pipelines["sd1"], "--data", image_folder, "--out", out, *args)
     assert line == f"error: {message}"

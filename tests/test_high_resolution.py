@@ -161,10 +161,7 @@ def test_crossover_is_where_the_system_stays_faster(seconds, side):
         (["demo", "--end-to-end", "--res", "65"], "not a multiple of"),
     ],
 )
-def test_end_to_end_bad_options_are_one_line(args, message, monkeypatch):
-    import deltaconv_cli.sampling as sampling
-
-    monkeypatch.setattr(sampling, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+def test_end_to_end_bad_options_are_one_line(args, message, refuse_model_loading):
     result = runner.invoke(app, ["profile", *args])
     assert result.exit_code == 1 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

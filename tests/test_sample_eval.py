@@ -246,13 +246,7 @@ TOO_LARGE_SEED = f"seeds must be below 2**64, got {2**64}"
         ("eval", ["--prompts", "demo:2", "--seed", str(2**64 - 1)], TOO_LARGE_SEED),
     ],
 )
-def test_bad_settings_fail_before_any_model_is_loaded(command, args, message, tmp_path, monkeypatch):
-    import deltaconv_cli.sampling
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before the settings were checked")
-
-    monkeypatch.setattr(deltaconv_cli.sampling, "load_model", no_loading)
+def test_bad_settings_fail_before_any_model_is_loaded(command, args, message, tmp_path, refuse_model_loading):
     out = tmp_path / "out"
     result = runner.invoke(app, [command, "demo", *args, "--out", str(out)])
     assert result.exit_code == 1, result.output
@@ -273,13 +267,7 @@ def test_grid_gives_the_images_the_whole_width(tmp_path):
 
 
 @pytest.mark.skipif(INCEPTION_FILE.exists(), reason="Inception weights are present on this machine")
-def test_missing_inception_weights_fail_before_any_model_is_loaded(converted, tmp_path, monkeypatch):
-    import deltaconv_cli.sampling
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before the FID inputs were checked")
-
-    monkeypatch.setattr(deltaconv_cli.sampling, "load_model", no_loading)
+def test_missing_inception_weights_fail_before_any_model_is_loaded(converted, tmp_path, refuse_model_loading):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\na dog\n")
     result = runner.invoke(app, ["eval", str(converted), "--prompts", str(prompts), "--reference", "original",
@@ -312,15 +300,9 @@ def test_fid_without_reference_is_skipped_with_the_reason(converted, tmp_path):
         ["convert", "demo"],
     ],
 )
-def test_an_output_path_that_is_a_file_fails_before_any_model_is_loaded(command, tmp_path, monkeypatch):
-    import deltaconv_cli.distill
-    import deltaconv_cli.sampling
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before the output folder was checked")
-
-    for module in (deltaconv_cli.sampling, deltaconv_cli.distill):
-        monkeypatch.setattr(module, "load_model", no_loading)
+def test_an_output_path_that_is_a_file_fails_before_any_model_is_loaded(
+    command, tmp_path, refuse_model_loading
+):
     out = tmp_path / "taken"
     out.write_text("a file of the user's")
     result = runner.invoke(app, [*command, "--out", str(out)])
@@ -330,12 +312,9 @@ def test_an_output_path_that_is_a_file_fails_before_any_model_is_loaded(command,
 
 
 @pytest.mark.parametrize("command", ["sample", "eval"])
-def test_a_prompt_file_that_is_not_text_fails_before_any_model_is_loaded(command, tmp_path, monkeypatch):
-    import deltaconv_cli.sampling
-
-    monkeypatch.setattr(
-        deltaconv_cli.sampling, "load_model", lambda *a, **k: pytest.fail("a model was loaded")
-    )
+def test_a_prompt_file_that_is_not_text_fails_before_any_model_is_loaded(
+    command, tmp_path, refuse_model_loading
+):
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"a red circle\n\xff\xfe")
     out = tmp_path / "out"
@@ -346,12 +325,9 @@ def test_a_prompt_file_that_is_not_text_fails_before_any_model_is_loaded(command
 
 
 @pytest.mark.parametrize("command", [["sample", "demo", "-p", "x"], ["analyze", "demo"]])
-def test_an_output_path_through_a_file_fails_before_any_model_is_loaded(command, tmp_path, monkeypatch):
-    import deltaconv_cli.sampling
-
-    monkeypatch.setattr(
-        deltaconv_cli.sampling, "load_model", lambda *a, **k: pytest.fail("a model was loaded")
-    )
+def test_an_output_path_through_a_file_fails_before_any_model_is_loaded(
+    command, tmp_path, refuse_model_loading
+):
     taken = tmp_path / "taken"
     taken.write_text("a file of the user's")
     result = runner.invoke(app, [*command, "--out", str(taken / "out")])
@@ -374,12 +350,7 @@ def test_a_full_disk_is_one_line(converted, tmp_path, monkeypatch):
     assert last == f"error: No space left on device: {tmp_path / 'p00000-s0.png'}"
 
 
-def test_a_reference_folder_without_images_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
-    import deltaconv_cli.sampling
-
-    monkeypatch.setattr(
-        deltaconv_cli.sampling, "load_model", lambda *a, **k: pytest.fail("a model was loaded")
-    )
+def test_a_reference_folder_without_images_fails_before_any_model_is_loaded(tmp_path, refuse_model_loading):
     reference = tmp_path / "reference"
     reference.mkdir()
     (reference / "notes.txt").write_text("not an image")
