@@ -2,7 +2,7 @@
 
 python benchmarks/tables.py profile docs/profile-sd15.json
 python benchmarks/tables.py eval runs/eval/eval.json
-python benchmarks/tables.py teacher docs/demo-teacher-quality.json
+python benchmarks/tables.py teacher docs/demo-teacher-quality.json [MORE.json ...]
 python benchmarks/tables.py noised docs/demo-teacher-from-noised-scenes.json
 python benchmarks/tables.py guidance-interval docs/guidance-interval-v2.json
 python benchmarks/tables.py end-to-end docs/end-to-end-demo.json
@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 
 from deltaconv_cli.demo.domain import FAILURES
+from deltaconv_cli.demo.teacher import RECOMMENDED_STEPS
 from deltaconv_cli.runtime import human_bytes, human_count
 
 MIXERS = ("attention", "deltaconv", "linfusion")
+DOCUMENTED_SCHEDULER = "DPMSolverMultistepScheduler"  # the demo teacher's own
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -118,6 +120,18 @@ def _fact_cells(result: dict) -> list[str]:
     return [str(result["failed_facts"][k]) for k in _FACT_COUNTS]
 
 
+def _sampler(result: dict) -> str:
+    """A teacher result's guidance, and what else differs from the documented sampler on 200 captions."""
+    label = [f"{result['guidance']:g}"]
+    if result.get("steps", RECOMMENDED_STEPS) != RECOMMENDED_STEPS:
+        label.append(f"{result['steps']} steps")
+    if result.get("scheduler", DOCUMENTED_SCHEDULER) != DOCUMENTED_SCHEDULER:
+        label.append(result["scheduler"])
+    if result.get("captions", 200) != 200:
+        label.append(f"{result['captions']} captions")
+    return ", ".join(label)
+
+
 def teacher_table(results: list[dict]) -> str:
     kinds = [k for k in results[0]["adherence"] if k != "all"]
     header = ["guidance", "adherence", *(f"adherence: {k}" for k in kinds)]
@@ -125,13 +139,13 @@ def teacher_table(results: list[dict]) -> str:
     header += ["FD samples vs real", "FD real vs real", "FD between domains"]
     rows = []
     for r in results:
-        cells = [f"{r['guidance']:g}", *(f"{r['adherence'][k]:.3f}" for k in ["all", *kinds])]
+        cells = [_sampler(r), *(f"{r['adherence'][k]:.3f}" for k in ["all", *kinds])]
         named = r.get("named_objects", {})  # absent from results measured before it was reported
         cells += [_fmt(named.get(k), ".2f") for k in ("drawn", "in_named_cell")]
         cells += [f"{r[k]:.0f}" for k in ("fd_samples_vs_real", "fd_real_vs_real", "fd_between_domains")]
         rows.append(cells)
     tables = [_table(header, rows)]
-    failed = [(f"samples, guidance {r['guidance']:g}", r) for r in results if "failed_facts" in r]
+    failed = [(f"samples, guidance {_sampler(r)}", r) for r in results if "failed_facts" in r]
     if "vae_reconstruction" in results[0]:  # the same for every guidance; absent from older results
         failed.append(("the real scenes through the VAE", results[0]["vae_reconstruction"]))
     if failed:  # absent from results measured before it existed
@@ -211,8 +225,11 @@ TABLES = {
 
 
 def main() -> None:
-    kind, path = sys.argv[1], Path(sys.argv[2])
-    print(TABLES[kind](json.loads(path.read_text())))
+    kind, paths = sys.argv[1], [Path(p) for p in sys.argv[2:]]
+    if kind == "teacher":  # several result files, one table: each file holds a list of results
+        print(teacher_table([r for p in paths for r in json.loads(p.read_text())]))
+    else:
+        print(TABLES[kind](json.loads(paths[0].read_text())))
 
 
 if __name__ == "__main__":
