@@ -24,6 +24,7 @@ from transformers import CLIPTokenizer
 from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.extractor import DomainFeatureExtractor
 from deltaconv_cli.demo.quality import (
+    HELD_OUT_SEED,
     adherence_by_kind,
     clean_latents,
     failed_facts,
@@ -286,6 +287,23 @@ def _recipe(name: str):
 
 def _guidance_interval_recipe():
     return _recipe("guidance_interval")
+
+
+def test_vae_reconstruction_checks_every_fact_of_the_held_out_scenes(tmp_path: Path):
+    result_file = tmp_path / "reconstruction.json"
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "recipes" / "vae_reconstruction.py"),
+               "--pipeline", "demo", "--count", "3", "5", "--json", str(result_file)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(result_file.read_text())
+    assert [(r["pipeline"], r["captions"]) for r in results] == [("demo", 3), ("demo", 5)]
+    for result in results:
+        captions = held_out_captions(result["captions"])[0]
+        real = real_images(HELD_OUT_SEED, result["captions"])
+        facts = sum(len(domain.facts(image, caption)) for image, caption in zip(real, captions, strict=True))
+        counted = result["failed_facts"]
+        assert counted["facts"] == facts == counted["hold"] + sum(counted[r] for r in domain.FAILURES)
+        assert 0 <= result["adherence"]["all"] <= 1
 
 
 def test_count_histogram_asks_every_colour_and_shape_for_each_number():

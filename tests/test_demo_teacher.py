@@ -232,6 +232,11 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
             f"evaluate_demo_teacher.py: unknown scheduler 'fastest'; choose one of {', '.join(SCHEDULERS)}",
         ),
         (
+            "vae_reconstruction.py",
+            ["--pipeline", "demo", "{tmp}/missing"],
+            "vae_reconstruction.py: no such folder: {tmp}/missing",
+        ),
+        (
             "count_histogram.py",
             ["--scheduler", "fastest", "--json", "{tmp}/counts.json"],
             f"count_histogram.py: unknown scheduler 'fastest'; choose one of {', '.join(SCHEDULERS)}",
