@@ -20,6 +20,7 @@ from pathlib import Path
 from deltaconv_cli.cli import write_json
 from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
+from deltaconv_cli.errors import DeltaConvError
 from deltaconv_cli.loading import load_model, locate_model
 from deltaconv_cli.recipes.recipe_cli import run
 from deltaconv_cli.sampling import SampleSettings, check_scheduler, generate, set_scheduler
@@ -53,7 +54,10 @@ def main() -> None:
         parser.error("--seeds and --steps must be at least 1 and --guidance >= 0")
     if args.scheduler is not None:
         check_scheduler(args.scheduler)
-    pipe = load_model(locate_model(args.pipeline))
+    folder = locate_model(args.pipeline)
+    if not folder.is_pipeline:
+        raise DeltaConvError(f"{args.pipeline} is a bare denoiser; give a whole pipeline folder to sample")
+    pipe = load_model(folder)
     pipe.set_progress_bar_config(disable=True)
     scheduler = set_scheduler(pipe, args.scheduler)
     settings = SampleSettings(steps=args.steps, guidance=args.guidance)

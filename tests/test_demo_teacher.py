@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_denoiser
 
 from deltaconv_cli.demo import domain, teacher
 from deltaconv_cli.demo.teacher import (
@@ -266,3 +267,13 @@ def test_recipe_scripts_end_a_user_mistake_with_one_line_and_exit_1(tmp_path, sc
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert (done.returncode, done.stderr, done.stdout) == (1, message.format(tmp=tmp_path) + "\n", "")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.json"]
+
+
+@pytest.mark.parametrize("script", ["count_histogram.py", "vae_reconstruction.py"])
+def test_recipe_scripts_that_need_a_whole_pipeline_refuse_a_bare_denoiser_in_one_line(tmp_path, script):
+    tiny_denoiser("sd1").save_pretrained(tmp_path / "unet")
+    command = [sys.executable, str(RECIPES / script), "--pipeline", str(tmp_path / "unet")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(f"{script}: {tmp_path / 'unet'} is a bare denoiser; give a whole pipeline")
+    assert len(done.stderr.splitlines()) == 1
