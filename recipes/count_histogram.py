@@ -20,10 +20,8 @@ from pathlib import Path
 from deltaconv_cli.cli import write_json
 from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
-from deltaconv_cli.errors import DeltaConvError
-from deltaconv_cli.loading import load_model, locate_model
 from deltaconv_cli.recipes.recipe_cli import run
-from deltaconv_cli.sampling import SampleSettings, check_scheduler, generate, set_scheduler
+from deltaconv_cli.sampling import SampleSettings, check_scheduler, generate, load_for_sampling, set_scheduler
 
 
 def captions_by_number() -> dict[str, list[str]]:
@@ -54,11 +52,7 @@ def main() -> None:
         parser.error("--seeds and --steps must be at least 1 and --guidance >= 0")
     if args.scheduler is not None:
         check_scheduler(args.scheduler)
-    folder = locate_model(args.pipeline)
-    if not folder.is_pipeline:
-        raise DeltaConvError(f"{args.pipeline} is a bare denoiser; give a whole pipeline folder to sample")
-    pipe = load_model(folder)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_for_sampling(args.pipeline).pipe
     scheduler = set_scheduler(pipe, args.scheduler)
     settings = SampleSettings(steps=args.steps, guidance=args.guidance)
     result = {"seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "scheduler": scheduler}

@@ -277,9 +277,11 @@ def test_shipped_teacher_loads_like_a_user_checkpoint_and_follows_prompts():
     assert errors["moved_caption"] >= 1.25 * errors["own_caption"]
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
 def _recipe(name: str):
-    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -291,7 +293,7 @@ def _guidance_interval_recipe():
 
 def test_vae_reconstruction_checks_every_fact_of_the_held_out_scenes(tmp_path: Path):
     result_file = tmp_path / "reconstruction.json"
-    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "recipes" / "vae_reconstruction.py"),
+    command = [sys.executable, str(RECIPES / "vae_reconstruction.py"),
                "--pipeline", "demo", "--count", "3", "5", "--json", str(result_file)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -320,7 +322,7 @@ def test_count_histogram_asks_every_colour_and_shape_for_each_number():
 
 def test_count_histogram_spreads_the_drawn_numbers_of_each_caption_number(tmp_path: Path):
     counts = tmp_path / "counts.json"
-    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "recipes" / "count_histogram.py"),
+    command = [sys.executable, str(RECIPES / "count_histogram.py"),
                "--seeds", "1", "--steps", "2", "--scheduler", "euler", "--json", str(counts)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
