@@ -52,7 +52,7 @@ from .conditioning import encode_prompts, latent_posterior, predict
 from .data import DEMO, batch_indices, image_tensor, open_data
 from .errors import DeltaConvError
 from .interop import adapter_for
-from .loading import load_model, locate_model
+from .loading import load_model, locate_model, locate_pipeline
 from .mixers import INITS, MIXERS
 from .progress import advance, progress_bar
 from .runtime import check_output_folder
@@ -427,11 +427,7 @@ def distill(
         if differences:
             raise DeltaConvError(f"--resume with different settings ({'; '.join(differences)})")
 
-    folder = locate_model(model)
-    if not folder.is_pipeline:
-        raise DeltaConvError(
-            f"{model} is a bare denoiser; distill needs the whole pipeline (VAE, text encoder)"
-        )
+    folder = locate_pipeline(model, "distill")
     # Before loading: diffusers' UNet follows odd latent sizes through its upsampling, so a size the model
     # cannot sample would otherwise train without a word.
     stride = latent_stride(folder.meta_denoiser())

@@ -136,6 +136,15 @@ def locate_model(source: str | Path, *, config_only: bool = False) -> ModelFolde
     return folder
 
 
+def locate_pipeline(source: str | Path, needs: str, *, config_only: bool = False) -> ModelFolder:
+    """``locate_model`` for work that needs the whole pipeline; ``needs`` names that work in the error
+    a bare denoiser folder gets."""
+    folder = locate_model(source, config_only=config_only)
+    if not folder.is_pipeline:
+        raise DeltaConvError(f"{source} is a bare denoiser; {needs} needs a whole pipeline")
+    return folder
+
+
 def weight_components(folder: Path) -> list[Path]:
     """Folders (the root and its direct subfolders) that hold weight files."""
     candidates = [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]

@@ -33,7 +33,7 @@ from .architectures import (
 )
 from .block import DeltaConvBlock
 from .errors import DeltaConvError
-from .loading import locate_model, read_json_object
+from .loading import locate_model, locate_pipeline, read_json_object
 from .mixers import MIXERS as MIXER_KINDS
 from .runtime import LiveBytes, Timer, checked_device, free_bytes, numel, torch_dtype
 from .surgery import DeltaConvAdapter, default_kernel_sizes, find_self_attention_sites, trace_token_grids
@@ -564,8 +564,7 @@ def end_to_end(
     dev = checked_device(device or default_device())
     weights_dtype = dtype or ("float16" if dev.type == "cuda" else "float32")
     timer_dtype = torch_dtype(weights_dtype)
-    if not locate_model(model, config_only=True).is_pipeline:
-        raise DeltaConvError(f"{model} is a bare denoiser; end-to-end timing needs a whole pipeline")
+    locate_pipeline(model, "end-to-end timing", config_only=True)
     arch = resolve_architecture(model)
     meta = meta_denoiser(arch.denoiser_class, arch.config)
     if not resolutions:

@@ -38,7 +38,7 @@ from .conditioning import use_tiled_vae
 from .errors import DeltaConvError
 from .imaging import save_grid, to_uint8
 from .interop import adapter_for
-from .loading import load_model, locate_model
+from .loading import load_model, locate_pipeline
 from .progress import advance, progress_bar
 from .runtime import (
     PeakMemory,
@@ -122,9 +122,7 @@ def load_for_sampling(
     folder's own; a model without either samples as the original."""
     device = checked_device(device or default_device())
     weights_dtype = torch_dtype(dtype or ("float16" if device.type == "cuda" else "float32"))
-    folder = locate_model(model)
-    if not folder.is_pipeline:
-        raise DeltaConvError(f"{model} is a bare denoiser; sampling needs a whole pipeline")
+    folder = locate_pipeline(model, "sampling")
     pipe = load_model(folder, torch_dtype=weights_dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     path = Path(adapter) if adapter is not None else folder.adapter_path if folder.is_converted else None

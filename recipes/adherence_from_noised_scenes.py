@@ -33,7 +33,7 @@ from deltaconv_cli.demo.quality import (
 )
 from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
 from deltaconv_cli.imaging import to_uint8
-from deltaconv_cli.loading import load_model, locate_model
+from deltaconv_cli.loading import load_model, locate_pipeline
 from deltaconv_cli.recipes.recipe_cli import run
 
 BATCH = 8
@@ -50,7 +50,7 @@ def main() -> None:
     lowest = 1 / RECOMMENDED_STEPS  # below it img2img runs no step at all
     if args.count < 1 or not all(lowest <= s <= 1 for s in args.strength):
         parser.error(f"--count must be at least 1 and every --strength in [{lowest:g}, 1]")
-    components = load_model(locate_model(args.pipeline)).components
+    components = load_model(locate_pipeline(args.pipeline, "img2img from noised scenes")).components
     pipe = StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler.set_timesteps(RECOMMENDED_STEPS)

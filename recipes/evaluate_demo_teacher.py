@@ -33,7 +33,7 @@ from deltaconv_cli.demo.quality import (
 from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
 from deltaconv_cli.errors import DeltaConvError
 from deltaconv_cli.imaging import save_grid
-from deltaconv_cli.loading import demo_path, load_model, locate_model
+from deltaconv_cli.loading import demo_path, load_model, locate_pipeline
 from deltaconv_cli.recipes.recipe_cli import run
 from deltaconv_cli.sampling import check_scheduler, set_scheduler
 
@@ -60,7 +60,7 @@ def main() -> None:
     extractor_folder = args.extractor or demo_path("extractor")
     if not (extractor_folder / "config.json").is_file():
         raise DeltaConvError(f"{extractor_folder} is not a feature extractor folder: it has no config.json")
-    pipe = load_model(locate_model(args.pipeline))
+    pipe = load_model(locate_pipeline(args.pipeline, "evaluation"))
     pipe.set_progress_bar_config(disable=True)
     scheduler = set_scheduler(pipe, args.scheduler)
     extractor = DomainFeatureExtractor.from_pretrained(extractor_folder).eval()

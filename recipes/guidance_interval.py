@@ -22,7 +22,7 @@ from deltaconv_cli.cli import write_json
 from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.quality import adherence_by_kind, failed_facts, held_out_captions, placed_objects
 from deltaconv_cli.demo.teacher import NOISE_SCHEDULE, RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
-from deltaconv_cli.loading import load_model, locate_model
+from deltaconv_cli.loading import load_model, locate_pipeline
 from deltaconv_cli.recipes.recipe_cli import run
 from deltaconv_cli.sampling import SampleSettings, generate
 
@@ -71,7 +71,7 @@ def main() -> None:
         parser.error("--count and --steps must be at least 1 and --guidance above 1")
     if any(not 0 <= below <= last for below in args.below):
         parser.error(f"--below takes timesteps in [0, {last}], got {args.below}")
-    pipe = load_model(locate_model(args.pipeline))
+    pipe = load_model(locate_pipeline(args.pipeline, "sampling"))
     pipe.set_progress_bar_config(disable=True)
     captions, kinds = held_out_captions(args.count)
     seeds = list(range(args.count))

@@ -26,7 +26,7 @@ from deltaconv_cli.conditioning import encode_prompts, predict
 from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.quality import clean_latents
 from deltaconv_cli.demo.teacher import to_tensor
-from deltaconv_cli.loading import load_model, locate_model
+from deltaconv_cli.loading import load_model, locate_pipeline
 from deltaconv_cli.recipes.recipe_cli import run
 
 CAPTIONS = {
@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.draws < 1:
         parser.error("--draws must be at least 1")
-    pipe = load_model(locate_model(args.pipeline))
+    pipe = load_model(locate_pipeline(args.pipeline, "the layout probe"))
     result = layout(pipe, args.draws)
     print(f"{'caption':<14} {'teacher: left / middle / right':<32} real")
     for name, shares in result.items():

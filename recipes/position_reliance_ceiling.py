@@ -24,7 +24,7 @@ from deltaconv_cli.conditioning import latent_posterior
 from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.quality import HELD_OUT_SEED, with_cell_moved
 from deltaconv_cli.demo.teacher import to_tensor
-from deltaconv_cli.loading import load_model, locate_model
+from deltaconv_cli.loading import load_model, locate_pipeline
 from deltaconv_cli.recipes.recipe_cli import run
 
 COUNT = 32
@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.draws < 1:
         parser.error("--draws must be at least 1")
-    pipe = load_model(locate_model(args.pipeline))
+    pipe = load_model(locate_pipeline(args.pipeline, "the position-reliance probe"))
     scenes = [domain.make_scene(HELD_OUT_SEED, i, "single") for i in range(COUNT)]  # as position_reliance
     x0 = latent_posterior(pipe, to_tensor(np.stack([domain.render(s) for s in scenes]))).mode()
     x0 = x0 * pipe.vae.config.scaling_factor

@@ -26,7 +26,7 @@ from deltaconv_cli.cli import write_json
 from deltaconv_cli.conditioning import latent_posterior
 from deltaconv_cli.demo.quality import clean_latents, position_reliance
 from deltaconv_cli.demo.teacher import render_dataset, to_tensor, token_ids
-from deltaconv_cli.loading import load_model, locate_model
+from deltaconv_cli.loading import load_model, locate_pipeline
 from deltaconv_cli.recipes.recipe_cli import run
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     if args.steps < 1 or args.batch < 1 or not 0 <= args.t_min <= 999:
         parser.error("--steps and --batch must be at least 1, --t-min within 0..999")
 
-    pipe = load_model(locate_model(args.pipeline))
+    pipe = load_model(locate_pipeline(args.pipeline, "the fine-tuning probe"))
     timesteps = (999, 900, 800)
     before = position_reliance(pipe, count=64, timesteps=timesteps)
     images, captions = render_dataset(args.seed, args.scenes)

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from deltaconv_cli.cli import write_json
 from deltaconv_cli.demo.quality import reconstruction_adherence
-from deltaconv_cli.errors import DeltaConvError
-from deltaconv_cli.loading import load_model, locate_model
+from deltaconv_cli.loading import load_model, locate_pipeline
 from deltaconv_cli.recipes.recipe_cli import run
 
 
@@ -31,10 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.count) < 1:
         parser.error(f"--count must be at least 1, got {min(args.count)}")
-    folders = [locate_model(p) for p in args.pipeline]  # every folder checked before any is loaded
-    for name, folder in zip(args.pipeline, folders, strict=True):
-        if not folder.is_pipeline:
-            raise DeltaConvError(f"{name} is a bare denoiser; give a whole pipeline folder, with its VAE")
+    folders = [locate_pipeline(p, "reconstruction") for p in args.pipeline]  # all checked before loading
     results = []
     for name, folder in zip(args.pipeline, folders, strict=True):
         pipe = load_model(folder)

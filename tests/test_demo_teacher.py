@@ -272,8 +272,14 @@ def test_recipe_scripts_end_a_user_mistake_with_one_line_and_exit_1(tmp_path, sc
 @pytest.mark.parametrize(
     ("script", "why"),
     [
+        ("adherence_from_noised_scenes.py", "img2img from noised scenes needs a whole pipeline"),
         ("count_histogram.py", "sampling needs a whole pipeline"),
-        ("vae_reconstruction.py", "give a whole pipeline folder, with its VAE"),
+        ("evaluate_demo_teacher.py", "evaluation needs a whole pipeline"),
+        ("guidance_interval.py", "sampling needs a whole pipeline"),
+        ("layout_at_t999.py", "the layout probe needs a whole pipeline"),
+        ("position_reliance_ceiling.py", "the position-reliance probe needs a whole pipeline"),
+        ("probe_placement_finetune.py", "the fine-tuning probe needs a whole pipeline"),
+        ("vae_reconstruction.py", "reconstruction needs a whole pipeline"),
     ],
 )
 def test_recipe_scripts_that_need_a_whole_pipeline_refuse_a_bare_denoiser_in_one_line(tmp_path, script, why):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
+from tiny_models import tiny_denoiser
 from typer.testing import CliRunner
 
 from deltaconv_cli.cli import app
@@ -95,6 +96,23 @@ def test_sample_errors(converted, tmp_path):
     assert result.exit_code == 1 and "give --prompt TEXT" in result.stderr
     result = runner.invoke(app, ["sample", str(converted), "--prompts", "nope.txt", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "prompt file nope.txt not found (or use demo:N" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "needs"),
+    [(["sample", "-p", "x"], "sampling"), (["distill", "--data", "demo", "--steps", "1"], "distill")],
+)
+def test_a_bare_denoiser_folder_is_refused_in_one_line_before_any_output(command, needs, tmp_path):
+    tiny_denoiser("sd1").save_pretrained(tmp_path / "unet")
+    name, *options = command
+    result = runner.invoke(app, [name, str(tmp_path / "unet"), *options, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    # distill may first note that this CPU trains in fp32; the error is the last line
+    assert (
+        result.stderr.splitlines()[-1]
+        == f"error: {tmp_path / 'unet'} is a bare denoiser; {needs} needs a whole pipeline"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_held_out_demo_captions_as_prompts(converted, tmp_path):
