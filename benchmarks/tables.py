@@ -127,6 +127,8 @@ def _sampler(result: dict) -> str:
         label.append(f"{result['steps']} steps")
     if result.get("scheduler", DOCUMENTED_SCHEDULER) != DOCUMENTED_SCHEDULER:
         label.append(result["scheduler"])
+    if result.get("guidance_rescale"):
+        label.append(f"guidance rescale {result['guidance_rescale']:g}")
     if result.get("captions", 200) != 200:
         label.append(f"{result['captions']} captions")
     return ", ".join(label)

@@ -45,6 +45,7 @@ class Family:
         call: ``(denoiser, latents, timesteps, cond) -> prediction`` (only the prediction channels).
         latent_stride: ``denoiser -> int``: latent sizes must be multiples of it.
         pipeline_options: extra keyword arguments its pipeline needs to sample exactly the asked size.
+        guidance_rescale: whether its pipeline takes diffusers' ``guidance_rescale``.
         matches: ``config -> bool``, to tell families that share a class apart.
         residual_tap: ``block -> module`` whose first input is the residual stream right after the
             self-attention sub-block (the feature ``distill`` compares by default).
@@ -65,6 +66,7 @@ class Family:
     call: Callable[[ModelMixin, torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
     latent_stride: Callable[[ModelMixin], int]
     pipeline_options: dict[str, Any] = field(default_factory=dict)
+    guidance_rescale: bool = True
     matches: Callable[[Any], bool] = lambda config: True
     residual_tap: Callable[[BasicTransformerBlock], nn.Module] = lambda block: _residual_tap(block)
     released_gate: str = "scaled"
@@ -218,6 +220,7 @@ PIXART = Family(
     call=_dit_call,
     latent_stride=lambda denoiser: denoiser.config.patch_size,
     pipeline_options={"use_resolution_binning": False},  # PixArt would otherwise snap to its own sizes
+    guidance_rescale=False,
     released_gate="sigmoid",
     released_base="PixArt-Sigma-XL-2-512-MS (PixArt-alpha/PixArt-Sigma-XL-2-512-MS)",
 )

@@ -323,6 +323,10 @@ def sample(
         str | None, typer.Option(help="ddim, euler, euler-a, dpm++, heun, pndm, unipc.")
     ] = None,
     negative_prompt: Annotated[str | None, typer.Option()] = None,
+    guidance_rescale: Annotated[
+        float,
+        typer.Option(help="0-1: rescale guided predictions (for zero-terminal-SNR models; not PixArt)."),
+    ] = 0.0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and the grid.")] = Path(
         "samples"
     ),
@@ -340,7 +344,7 @@ def sample(
 
     if num_images < 1:
         raise DeltaConvError(f"--num-images must be at least 1, got {num_images}")
-    settings = SampleSettings(steps, guidance, height, width, scheduler, negative_prompt)
+    settings = SampleSettings(steps, guidance, height, width, scheduler, negative_prompt, guidance_rescale)
     seeds = list(range(seed, seed + num_images))
     report = run_sample(
         model, _prompt_list(prompt, prompts_file), seeds, out, settings, adapter=adapter, compare=compare,

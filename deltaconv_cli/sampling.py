@@ -33,7 +33,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
-from .architectures import denoiser_of, family_for, latent_size, latent_stride
+from .architectures import Family, denoiser_of, family_for, latent_size, latent_stride
 from .conditioning import use_tiled_vae
 from .errors import DeltaConvError
 from .imaging import save_grid, to_uint8
@@ -70,6 +70,9 @@ class SampleSettings:
     width: int | None = None
     scheduler: str | None = None  # default: the pipeline's own
     negative_prompt: str | None = None
+    # diffusers' rescale of the guided prediction to the conditional one's spread (Lin et al. 2024, §3.4),
+    # for models trained to zero SNR at the last timestep; 0 leaves guidance as it is
+    guidance_rescale: float = 0.0
 
     def check(self) -> None:
         """A clear error for settings no model can use (checked before any model is loaded)."""
@@ -82,6 +85,13 @@ class SampleSettings:
                 raise DeltaConvError(f"{name} must be a positive number of pixels, got {value}")
         if self.scheduler is not None:
             check_scheduler(self.scheduler)
+        if not 0 <= self.guidance_rescale <= 1:
+            raise DeltaConvError(f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
+
+    def check_family(self, family: Family) -> None:
+        """A clear error for settings this model family's pipeline cannot take."""
+        if self.guidance_rescale and not family.guidance_rescale:
+            raise DeltaConvError(f"{family.label} pipelines have no guidance rescale; leave it at 0")
 
 
 def check_scheduler(name: str) -> None:
@@ -154,7 +164,11 @@ def pipeline_images(pipe: Any, prompts: list[str], seeds: list[int], size: tuple
     """uint8 images for (prompt, seed) pairs, each latent drawn from a CPU generator seeded by its seed
     (so its starting noise does not depend on what else is in the batch); ``on_step`` is called after
     every denoising step."""
-    extra: dict[str, Any] = dict(family_for(denoiser_of(pipe)).pipeline_options)
+    family = family_for(denoiser_of(pipe))
+    settings.check_family(family)
+    extra: dict[str, Any] = dict(family.pipeline_options)
+    if settings.guidance_rescale:
+        extra["guidance_rescale"] = settings.guidance_rescale
     parameters = set(inspect.signature(type(pipe).__call__).parameters)
     if on_step is not None and "callback_on_step_end" in parameters:
         extra["callback_on_step_end"] = lambda pipe, i, t, tensors: (on_step(), {})[1]
@@ -245,6 +259,7 @@ def sample(
     check_seeds(seeds)
     check_batch_size(batch_size)
     check_output_folder(Path(out))
+    settings.check_family(family_for(locate_pipeline(model, "sampling", config_only=True).meta_denoiser()))
     if settings.guidance is None:
         settings = replace(settings, guidance=default_guidance(model))
     state = PartialState()
@@ -261,7 +276,8 @@ def sample(
     systems = [loaded.system, "original"] if compare else [loaded.system]
     base = {"model": loaded.model, "adapter": loaded.adapter_path, "steps": settings.steps,
             "guidance": settings.guidance, "scheduler": scheduler, "height": size[0], "width": size[1],
-            "negative_prompt": settings.negative_prompt, "deltaconv": __version__}  # fmt: skip
+            "negative_prompt": settings.negative_prompt, "guidance_rescale": settings.guidance_rescale,
+            "deltaconv": __version__}  # fmt: skip
     with (
         state.split_between_processes(jobs) as mine,
         progress_bar(not show_progress or not state.is_main_process) as bar,

@@ -1,7 +1,7 @@
 """Measure the embedded demo teacher: prompt adherence on held-out captions and Fréchet distances.
 
     python recipes/evaluate_demo_teacher.py [--pipeline PATH] [--count 200] [--guidance G ...] [--steps 20]
-        [--first-seed 0] [--scheduler NAME]
+        [--first-seed 0] [--scheduler NAME] [--guidance-rescale 0]
 
 Prints and writes JSON (--json) with adherence per scene kind, three Fréchet distances in the domain
 extractor's feature space: samples vs real images, real vs real (the floor at this sample size) and
@@ -35,7 +35,7 @@ from deltaconv_cli.errors import DeltaConvError
 from deltaconv_cli.imaging import save_grid
 from deltaconv_cli.loading import demo_path, load_model, locate_pipeline
 from deltaconv_cli.recipes.recipe_cli import run
-from deltaconv_cli.sampling import check_scheduler, set_scheduler
+from deltaconv_cli.sampling import SampleSettings, check_scheduler, set_scheduler
 
 
 def main() -> None:
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, nargs="+", default=[RECOMMENDED_GUIDANCE])
     parser.add_argument("--first-seed", type=int, default=0, help="caption i is sampled with seed N + i")
     parser.add_argument("--scheduler", default=None, help="default: the pipeline's own")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, help="diffusers' guidance_rescale")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--grid", type=Path, default=None, help="PNG: 16 captions, real scene and sample")
     args = parser.parse_args()
@@ -57,6 +58,7 @@ def main() -> None:
         )
     if args.scheduler is not None:
         check_scheduler(args.scheduler)
+    SampleSettings(guidance_rescale=args.guidance_rescale).check()
     extractor_folder = args.extractor or demo_path("extractor")
     if not (extractor_folder / "config.json").is_file():
         raise DeltaConvError(f"{extractor_folder} is not a feature extractor folder: it has no config.json")
@@ -67,7 +69,9 @@ def main() -> None:
     reliance, reconstruction = position_reliance(pipe), reconstruction_adherence(pipe, args.count)
     results = []
     for guidance in args.guidance:
-        quality = generator_quality(pipe, extractor, args.count, args.steps, guidance, args.first_seed)
+        quality = generator_quality(
+            pipe, extractor, args.count, args.steps, guidance, args.first_seed, args.guidance_rescale
+        )
         quality["scheduler"] = scheduler
         quality["position_reliance"] = reliance
         quality["vae_reconstruction"] = reconstruction

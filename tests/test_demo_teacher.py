@@ -233,6 +233,11 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
             f"evaluate_demo_teacher.py: unknown scheduler 'fastest'; choose one of {', '.join(SCHEDULERS)}",
         ),
         (
+            "evaluate_demo_teacher.py",
+            ["--guidance-rescale", "2"],
+            "evaluate_demo_teacher.py: guidance rescale must be in [0, 1], got 2.0",
+        ),
+        (
             "vae_reconstruction.py",
             ["--pipeline", "demo", "{tmp}/missing"],
             "vae_reconstruction.py: no such folder: {tmp}/missing",

@@ -252,6 +252,7 @@ TOO_LARGE_SEED = f"seeds must be below 2**64, got {2**64}"
         ("sample", ["-p", "x", "--batch-size", "0"], "batch size must be at least 1, got 0"),
         ("sample", ["-p", "x", "--steps", "0"], "steps must be at least 1, got 0"),
         ("sample", ["-p", "x", "--guidance", "nan"], "guidance must be a finite number >= 0, got nan"),
+        ("sample", ["-p", "x", "--guidance-rescale", "1.5"], "guidance rescale must be in [0, 1], got 1.5"),
         ("sample", ["--prompts", "demo:0"], f"{DEMO_N} 'demo:0'"),
         ("eval", ["--prompts", "demo:0"], f"{DEMO_N} 'demo:0'"),
         ("eval", ["--prompts", "demo:x"], f"{DEMO_N} 'demo:x'"),
@@ -270,6 +271,47 @@ def test_bad_settings_fail_before_any_model_is_loaded(command, args, message, tm
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}")
+    assert not out.exists()
+
+
+def test_guidance_rescale_reaches_the_pipeline_and_its_metadata(saved_pipelines, tmp_path):
+    sample(
+        saved_pipelines["sd1"], "-p", "a cat", "--steps", "2", "--guidance-rescale", "0.7", "--out", tmp_path
+    )
+    written = np.asarray(Image.open(tmp_path / "p00000-s0.png"))
+    assert Image.open(tmp_path / "p00000-s0.png").text["guidance_rescale"] == "0.7"
+    pipe = DiffusionPipeline.from_pretrained(saved_pipelines["sd1"]).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    call = {"num_inference_steps": 2, "guidance_scale": 7.5, "output_type": "np"}
+    images = {
+        rescale: to_uint8(
+            pipe(
+                ["a cat"], generator=[torch.Generator("cpu").manual_seed(0)], guidance_rescale=rescale, **call
+            ).images[0]
+        )
+        for rescale in (0.0, 0.7)
+    }
+    assert np.array_equal(written, images[0.7])  # the same computation as diffusers' own call
+    assert not np.array_equal(images[0.0], images[0.7])  # and the rescale changes the image
+
+
+def test_guidance_rescale_on_a_pipeline_without_it_fails_before_loading(
+    saved_pipelines, tmp_path, refuse_model_loading
+):
+    out = tmp_path / "out"
+    args = [
+        "sample",
+        str(saved_pipelines["pixart"]),
+        "-p",
+        "x",
+        "--guidance-rescale",
+        "0.5",
+        "--out",
+        str(out),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert result.stderr == "error: PixArt-α/Σ DiT pipelines have no guidance rescale; leave it at 0\n"
     assert not out.exists()
 
 
