@@ -35,7 +35,7 @@ from deltaconv_cli.errors import DeltaConvError
 from deltaconv_cli.imaging import save_grid
 from deltaconv_cli.loading import demo_path, load_model, locate_pipeline
 from deltaconv_cli.recipes.recipe_cli import run
-from deltaconv_cli.sampling import SampleSettings, check_scheduler, set_scheduler
+from deltaconv_cli.sampling import SampleSettings, set_scheduler
 
 
 def main() -> None:
@@ -56,9 +56,7 @@ def main() -> None:
         parser.error(
             f"--count must be at least 1 and --first-seed >= 0, got {args.count} and {args.first_seed}"
         )
-    if args.scheduler is not None:
-        check_scheduler(args.scheduler)
-    SampleSettings(guidance_rescale=args.guidance_rescale).check()
+    SampleSettings(scheduler=args.scheduler, guidance_rescale=args.guidance_rescale).check()
     extractor_folder = args.extractor or demo_path("extractor")
     if not (extractor_folder / "config.json").is_file():
         raise DeltaConvError(f"{extractor_folder} is not a feature extractor folder: it has no config.json")
