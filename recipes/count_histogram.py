@@ -21,7 +21,7 @@ from deltaconv_cli.cli import write_json
 from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
 from deltaconv_cli.recipes.recipe_cli import run
-from deltaconv_cli.sampling import SampleSettings, check_scheduler, generate, load_for_sampling, set_scheduler
+from deltaconv_cli.sampling import SampleSettings, generate, load_for_sampling, set_scheduler
 
 
 def captions_by_number() -> dict[str, list[str]]:
@@ -50,11 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.seeds < 1 or args.steps < 1 or not args.guidance >= 0:
         parser.error("--seeds and --steps must be at least 1 and --guidance >= 0")
-    if args.scheduler is not None:
-        check_scheduler(args.scheduler)
+    settings = SampleSettings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler)
+    settings.check()
     pipe = load_for_sampling(args.pipeline).pipe
-    scheduler = set_scheduler(pipe, args.scheduler)
-    settings = SampleSettings(steps=args.steps, guidance=args.guidance)
+    scheduler = set_scheduler(pipe, settings.scheduler)
     result = {"seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "scheduler": scheduler}
     for label, captions in captions_by_number().items():
         prompts = [c for c in captions for _ in range(args.seeds)]
