@@ -288,6 +288,9 @@ DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (
 DtypeOption = Annotated[
     str | None, typer.Option(help="float32, float16 or bfloat16 (default: fp16 on CUDA).")
 ]
+GuidanceRescaleOption = Annotated[
+    float, typer.Option(help="0-1: rescale guided predictions (for zero-terminal-SNR models; not PixArt).")
+]
 
 
 def _prompt_list(prompt: list[str], prompts_file: str | None, required: bool = True) -> list[str]:
@@ -323,10 +326,7 @@ def sample(
         str | None, typer.Option(help="ddim, euler, euler-a, dpm++, heun, pndm, unipc.")
     ] = None,
     negative_prompt: Annotated[str | None, typer.Option()] = None,
-    guidance_rescale: Annotated[
-        float,
-        typer.Option(help="0-1: rescale guided predictions (for zero-terminal-SNR models; not PixArt)."),
-    ] = 0.0,
+    guidance_rescale: GuidanceRescaleOption = 0.0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and the grid.")] = Path(
         "samples"
     ),
@@ -384,6 +384,7 @@ def eval_command(
     seed: Annotated[int, typer.Option(help="Prompt i uses seed + i.")] = 0,
     steps: Annotated[int, typer.Option()] = 20,
     guidance: Annotated[float | None, typer.Option(help="Default 7.5; demo: its recommended.")] = None,
+    guidance_rescale: GuidanceRescaleOption = 0.0,
     height: Annotated[int | None, typer.Option()] = None,
     width: Annotated[int | None, typer.Option()] = None,
     scheduler: Annotated[str | None, typer.Option()] = None,
@@ -402,7 +403,7 @@ def eval_command(
 
     prompt_list, source = read_prompts(prompts)
     settings = EvalSettings(steps, guidance, height, width, scheduler, seed, batch_size, feature, clip,
-                            trajectory_prompts, timing_rounds)  # fmt: skip
+                            trajectory_prompts, timing_rounds, guidance_rescale)  # fmt: skip
     quiet = str(json_out) == "-"
     with err_console.status("evaluating", spinner="dots") as status:
         report = evaluate(

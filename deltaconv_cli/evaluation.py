@@ -232,10 +232,16 @@ class EvalSettings:
     clip_model: str | None = None
     trajectory_prompts: int = 8
     timing_rounds: int = 3  # timed rounds (systems in turns, after a warm-up round; medians)
+    guidance_rescale: float = 0.0  # as SampleSettings.guidance_rescale
+
+    def sampling(self) -> SampleSettings:
+        """The settings every system samples with."""
+        return SampleSettings(self.steps, self.guidance, self.height, self.width, self.scheduler,
+                              guidance_rescale=self.guidance_rescale)  # fmt: skip
 
     def check(self) -> None:
         """A clear error for settings no model can use (checked before any model is loaded)."""
-        SampleSettings(self.steps, self.guidance, self.height, self.width, self.scheduler).check()
+        self.sampling().check()
         check_batch_size(self.batch_size)
         if self.clip_model is not None and not Path(self.clip_model).is_dir():
             raise DeltaConvError(
@@ -354,6 +360,7 @@ def evaluate(
         raise DeltaConvError("no prompts given")
     settings.check()
     check_seeds(range(settings.seed, settings.seed + len(prompts)))
+    settings.sampling().check_model(model)
     if settings.guidance is None:
         settings = replace(settings, guidance=default_guidance(model))
     fid_plan = plan_fid(str(model), reference, settings.feature, len(prompts), include_original)
@@ -384,9 +391,7 @@ def evaluate(
     size = resolve_size(loaded, settings.height, settings.width)
     tiled = use_tiled_vae(pipe, size)
     scheduler = set_scheduler(pipe, settings.scheduler)
-    sample_settings = SampleSettings(
-        steps=settings.steps, guidance=settings.guidance, height=size[0], width=size[1]
-    )
+    sample_settings = replace(settings.sampling(), height=size[0], width=size[1])
     seeds = [settings.seed + i for i in range(len(prompts))]
     generation = {
         "model": str(model),
@@ -394,6 +399,7 @@ def evaluate(
         "seed": settings.seed,
         "steps": settings.steps,
         "guidance": settings.guidance,
+        "guidance_rescale": settings.guidance_rescale,
         "size": list(size),
         "scheduler": scheduler,
         "device": str(dev),

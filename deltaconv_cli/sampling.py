@@ -93,6 +93,10 @@ class SampleSettings:
         if self.guidance_rescale and not family.guidance_rescale:
             raise DeltaConvError(f"{family.label} pipelines have no guidance rescale; leave it at 0")
 
+    def check_model(self, model: str | Path) -> None:
+        """:meth:`check_family` for the pipeline at ``model``, read from its configs (nothing loaded)."""
+        self.check_family(family_for(locate_pipeline(model, "sampling", config_only=True).meta_denoiser()))
+
 
 def check_scheduler(name: str) -> None:
     if name not in SCHEDULERS:
@@ -259,7 +263,7 @@ def sample(
     check_seeds(seeds)
     check_batch_size(batch_size)
     check_output_folder(Path(out))
-    settings.check_family(family_for(locate_pipeline(model, "sampling", config_only=True).meta_denoiser()))
+    settings.check_model(model)
     if settings.guidance is None:
         settings = replace(settings, guidance=default_guidance(model))
     state = PartialState()

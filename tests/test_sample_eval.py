@@ -259,6 +259,11 @@ TOO_LARGE_SEED = f"seeds must be below 2**64, got {2**64}"
         ("eval", ["--prompts", "demo:2", "--batch-size", "0"], "batch size must be at least 1, got 0"),
         ("eval", ["--prompts", "demo:2", "--height", "0"], "height must be a positive number of pixels"),
         ("eval", ["--prompts", "demo:2", "--feature", "dino"], "FID features must be inception or domain"),
+        (
+            "eval",
+            ["--prompts", "demo:2", "--guidance-rescale", "-0.1"],
+            "guidance rescale must be in [0, 1], got -0.1",
+        ),
         ("sample", ["-p", "x", "--seed", "-1"], "seed must be >= 0, got -1"),
         ("sample", ["-p", "x", "-n", "2", "--seed", str(2**64 - 1)], TOO_LARGE_SEED),
         ("eval", ["--prompts", "demo:2", "--seed", "-1"], "seed must be >= 0, got -1"),
@@ -295,20 +300,32 @@ def test_guidance_rescale_reaches_the_pipeline_and_its_metadata(saved_pipelines,
     assert not np.array_equal(images[0.0], images[0.7])  # and the rescale changes the image
 
 
+def test_eval_samples_every_system_with_the_guidance_rescale(saved_pipelines, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    args = ["eval", str(saved_pipelines["sd1"]), "--prompts", str(prompts), "--steps", "2"]
+    args += ["--trajectory-prompts", "0", "--timing-rounds", "0", "--out", str(tmp_path / "e")]
+    first = runner.invoke(app, [*args, "--guidance-rescale", "0.7", "--json", "-"])
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["settings"]["guidance_rescale"] == 0.7
+    written = np.asarray(Image.open(tmp_path / "e" / "images" / "original" / "00000.png"))
+    pipe = DiffusionPipeline.from_pretrained(saved_pipelines["sd1"]).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    call = {"num_inference_steps": 2, "guidance_scale": 7.5, "output_type": "np", "guidance_rescale": 0.7}
+    expected = pipe(["a cat"], generator=[torch.Generator("cpu").manual_seed(0)], **call).images[0]
+    assert np.array_equal(written, to_uint8(expected))
+    second = runner.invoke(app, args)  # without the rescale: new images, not the cached ones
+    assert second.exit_code == 0, second.output
+    assert "reused" not in second.stdout
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
 def test_guidance_rescale_on_a_pipeline_without_it_fails_before_loading(
-    saved_pipelines, tmp_path, refuse_model_loading
+    command, saved_pipelines, tmp_path, refuse_model_loading
 ):
     out = tmp_path / "out"
-    args = [
-        "sample",
-        str(saved_pipelines["pixart"]),
-        "-p",
-        "x",
-        "--guidance-rescale",
-        "0.5",
-        "--out",
-        str(out),
-    ]
+    prompt = ["-p", "x"] if command == "sample" else ["--prompts", "demo:2"]
+    args = [command, str(saved_pipelines["pixart"]), *prompt, "--guidance-rescale", "0.5", "--out", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 1
     assert result.stderr == "error: PixArt-α/Σ DiT pipelines have no guidance rescale; leave it at 0\n"
