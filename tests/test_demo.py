@@ -323,11 +323,13 @@ def test_count_histogram_asks_every_colour_and_shape_for_each_number():
 def test_count_histogram_spreads_the_drawn_numbers_of_each_caption_number(tmp_path: Path):
     counts = tmp_path / "counts.json"
     command = [sys.executable, str(RECIPES / "count_histogram.py"),
-               "--seeds", "1", "--steps", "2", "--scheduler", "euler", "--json", str(counts)]  # fmt: skip
+               "--seeds", "1", "--steps", "2", "--scheduler", "euler", "--guidance-rescale", "0.5",
+               "--json", str(counts)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads(counts.read_text())
-    assert (result["seeds"], result["steps"], result["scheduler"]) == (1, 2, "EulerDiscreteScheduler")
+    recorded = (result["seeds"], result["steps"], result["scheduler"], result["guidance_rescale"])
+    assert recorded == (1, 2, "EulerDiscreteScheduler", 0.5)
     for label in ("two", "three", "four", "two mirrored"):
         assert result[label]["images"] == len(domain.COLORS) * len(domain.SHAPES)
         for drawn in (result[label]["named_drawn"], result[label]["all_drawn"]):

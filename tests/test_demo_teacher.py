@@ -248,6 +248,11 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
             f"count_histogram.py: unknown scheduler 'fastest'; choose one of {', '.join(SCHEDULERS)}",
         ),
         (
+            "count_histogram.py",
+            ["--guidance-rescale", "-1", "--json", "{tmp}/counts.json"],
+            "count_histogram.py: guidance rescale must be in [0, 1], got -1.0",
+        ),
+        (
             "train_demo_teacher.py",
             ["--out", "{tmp}/out", "--work", "{tmp}/work", "--set", "attention_heads=[1,5,4]"],
             "train_demo_teacher.py: attention_heads [1, 5, 4] must divide unet_channels [48, 96, 96] "
