@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from deltaconv_cli.demo.domain import FAILURES
-from deltaconv_cli.demo.teacher import RECOMMENDED_STEPS
+from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
 from deltaconv_cli.runtime import human_bytes, human_count
 
 MIXERS = ("attention", "deltaconv", "linfusion")
@@ -179,11 +179,21 @@ def noised_table(results: list[dict]) -> str:
     return _table(header, rows)
 
 
+def _guided_below(result: dict) -> str:
+    """The timestep guidance starts below, and the guidance and caption count where not the usual."""
+    label = [str(result["guided_below"])]
+    if result["guidance"] != RECOMMENDED_GUIDANCE:
+        label.append(f"guidance {result['guidance']:g}")
+    if result.get("captions", 200) != 200:
+        label.append(f"{result['captions']} captions")
+    return ", ".join(label)
+
+
 def guidance_interval_table(results: list[dict]) -> str:
     """recipes/guidance_interval.py: adherence and failed facts by the timestep guidance starts below."""
     kinds = list(results[0]["adherence"])
     header = ["guided below t", *(f"adherence: {k}" for k in kinds), "... in the named cell", *_FACT_HEADINGS]
-    rows = [[str(r["guided_below"]), *(f"{r['adherence'][k]:.3f}" for k in kinds),
+    rows = [[_guided_below(r), *(f"{r['adherence'][k]:.3f}" for k in kinds),
              f"{r['named_objects']['in_named_cell']:.2f}", *_fact_cells(r)] for r in results]  # fmt: skip
     return _table(header, rows)
 
