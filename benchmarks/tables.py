@@ -129,6 +129,8 @@ def _sampler(result: dict) -> str:
         label.append(result["scheduler"])
     if result.get("guidance_rescale"):
         label.append(f"guidance rescale {result['guidance_rescale']:g}")
+    if result.get("guidance_start"):
+        label.append(f"guidance start {result['guidance_start']:g}")
     if result.get("captions", 200) != 200:
         label.append(f"{result['captions']} captions")
     return ", ".join(label)

@@ -46,6 +46,8 @@ class Family:
         latent_stride: ``denoiser -> int``: latent sizes must be multiples of it.
         pipeline_options: extra keyword arguments its pipeline needs to sample exactly the asked size.
         guidance_rescale: whether its pipeline takes diffusers' ``guidance_rescale``.
+        late_guidance: whether its pipeline reads the guidance scale anew at every step (so that
+            guidance can start after the first steps; PixArt's fixes it for the whole call).
         matches: ``config -> bool``, to tell families that share a class apart.
         residual_tap: ``block -> module`` whose first input is the residual stream right after the
             self-attention sub-block (the feature ``distill`` compares by default).
@@ -67,6 +69,7 @@ class Family:
     latent_stride: Callable[[ModelMixin], int]
     pipeline_options: dict[str, Any] = field(default_factory=dict)
     guidance_rescale: bool = True
+    late_guidance: bool = True
     matches: Callable[[Any], bool] = lambda config: True
     residual_tap: Callable[[BasicTransformerBlock], nn.Module] = lambda block: _residual_tap(block)
     released_gate: str = "scaled"
@@ -221,6 +224,7 @@ PIXART = Family(
     latent_stride=lambda denoiser: denoiser.config.patch_size,
     pipeline_options={"use_resolution_binning": False},  # PixArt would otherwise snap to its own sizes
     guidance_rescale=False,
+    late_guidance=False,
     released_gate="sigmoid",
     released_base="PixArt-Sigma-XL-2-512-MS (PixArt-alpha/PixArt-Sigma-XL-2-512-MS)",
 )

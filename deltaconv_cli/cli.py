@@ -291,6 +291,9 @@ DtypeOption = Annotated[
 GuidanceRescaleOption = Annotated[
     float, typer.Option(help="0-1: rescale guided predictions (for zero-terminal-SNR models; not PixArt).")
 ]
+GuidanceStartOption = Annotated[
+    float, typer.Option(help="0-1: share of the steps sampled unguided before guidance starts (not PixArt).")
+]
 
 
 def _prompt_list(prompt: list[str], prompts_file: str | None, required: bool = True) -> list[str]:
@@ -327,6 +330,7 @@ def sample(
     ] = None,
     negative_prompt: Annotated[str | None, typer.Option()] = None,
     guidance_rescale: GuidanceRescaleOption = 0.0,
+    guidance_start: GuidanceStartOption = 0.0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and the grid.")] = Path(
         "samples"
     ),
@@ -344,7 +348,8 @@ def sample(
 
     if num_images < 1:
         raise DeltaConvError(f"--num-images must be at least 1, got {num_images}")
-    settings = SampleSettings(steps, guidance, height, width, scheduler, negative_prompt, guidance_rescale)
+    settings = SampleSettings(steps, guidance, height, width, scheduler, negative_prompt, guidance_rescale,
+                              guidance_start)  # fmt: skip
     seeds = list(range(seed, seed + num_images))
     report = run_sample(
         model, _prompt_list(prompt, prompts_file), seeds, out, settings, adapter=adapter, compare=compare,
@@ -385,6 +390,7 @@ def eval_command(
     steps: Annotated[int, typer.Option()] = 20,
     guidance: Annotated[float | None, typer.Option(help="Default 7.5; demo: its recommended.")] = None,
     guidance_rescale: GuidanceRescaleOption = 0.0,
+    guidance_start: GuidanceStartOption = 0.0,
     height: Annotated[int | None, typer.Option()] = None,
     width: Annotated[int | None, typer.Option()] = None,
     scheduler: Annotated[str | None, typer.Option()] = None,
@@ -403,7 +409,7 @@ def eval_command(
 
     prompt_list, source = read_prompts(prompts)
     settings = EvalSettings(steps, guidance, height, width, scheduler, seed, batch_size, feature, clip,
-                            trajectory_prompts, timing_rounds, guidance_rescale)  # fmt: skip
+                            trajectory_prompts, timing_rounds, guidance_rescale, guidance_start)  # fmt: skip
     quiet = str(json_out) == "-"
     with err_console.status("evaluating", spinner="dots") as status:
         report = evaluate(

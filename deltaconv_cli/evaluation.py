@@ -233,11 +233,14 @@ class EvalSettings:
     trajectory_prompts: int = 8
     timing_rounds: int = 3  # timed rounds (systems in turns, after a warm-up round; medians)
     guidance_rescale: float = 0.0  # as SampleSettings.guidance_rescale
+    guidance_start: float = 0.0  # as SampleSettings.guidance_start
 
     def sampling(self) -> SampleSettings:
         """The settings every system samples with."""
-        return SampleSettings(self.steps, self.guidance, self.height, self.width, self.scheduler,
-                              guidance_rescale=self.guidance_rescale)  # fmt: skip
+        return SampleSettings(
+            self.steps, self.guidance, self.height, self.width, self.scheduler,
+            guidance_rescale=self.guidance_rescale, guidance_start=self.guidance_start,
+        )  # fmt: skip
 
     def check(self) -> None:
         """A clear error for settings no model can use (checked before any model is loaded)."""
@@ -400,6 +403,7 @@ def evaluate(
         "steps": settings.steps,
         "guidance": settings.guidance,
         "guidance_rescale": settings.guidance_rescale,
+        "guidance_start": settings.guidance_start,
         "size": list(size),
         "scheduler": scheduler,
         "device": str(dev),

@@ -51,6 +51,10 @@ from .runtime import (
 from .surgery import DeltaConvAdapter
 
 StepCallback = Callable[[], None] | None  # called after every denoising step (progress)
+# The pipeline fixes at the start of a call whether each step runs the caption-free half of the batch
+# (guidance > 1); at exactly 1 it would drop that half and a later step could not bring it back. Steps
+# before guidance starts keep it at a weight this close to none.
+UNGUIDED = 1.0 + 1e-6
 SCHEDULERS = {
     "ddim": DDIMScheduler,
     "euler": EulerDiscreteScheduler,
@@ -73,6 +77,9 @@ class SampleSettings:
     # diffusers' rescale of the guided prediction to the conditional one's spread (Lin et al. 2024, §3.4),
     # for models trained to zero SNR at the last timestep; 0 leaves guidance as it is
     guidance_rescale: float = 0.0
+    # the share of the denoising steps sampled with the conditional prediction alone before guidance starts
+    # (diffusers' guiders call it ``start``): where the layout is decided, guidance adds objects
+    guidance_start: float = 0.0
 
     def check(self) -> None:
         """A clear error for settings no model can use (checked before any model is loaded)."""
@@ -87,11 +94,19 @@ class SampleSettings:
             check_scheduler(self.scheduler)
         if not 0 <= self.guidance_rescale <= 1:
             raise DeltaConvError(f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
+        if not 0 <= self.guidance_start <= 1:
+            raise DeltaConvError(f"guidance start must be in [0, 1], got {self.guidance_start}")
+        if self.guidance_start and self.guidance is not None and self.guidance <= 1:
+            raise DeltaConvError(f"a guidance start needs guidance above 1, got {self.guidance}")
 
     def check_family(self, family: Family) -> None:
         """A clear error for settings this model family's pipeline cannot take."""
         if self.guidance_rescale and not family.guidance_rescale:
             raise DeltaConvError(f"{family.label} pipelines have no guidance rescale; leave it at 0")
+        if self.guidance_start and not family.late_guidance:
+            raise DeltaConvError(
+                f"{family.label} pipelines fix guidance for the whole call; leave the guidance start at 0"
+            )
 
     def check_model(self, model: str | Path) -> None:
         """:meth:`check_family` for the pipeline at ``model``, read from its configs (nothing loaded)."""
@@ -173,9 +188,24 @@ def pipeline_images(pipe: Any, prompts: list[str], seeds: list[int], size: tuple
     extra: dict[str, Any] = dict(family.pipeline_options)
     if settings.guidance_rescale:
         extra["guidance_rescale"] = settings.guidance_rescale
+    guidance, first_guided = settings.guidance, 0
+    if settings.guidance_start:
+        # diffusers' dynamic-guidance pattern: a step-end callback sets the next step's scale. The first
+        # guided step counts the denoising loop's steps (Heun's loop runs two per step but the last).
+        pipe.scheduler.set_timesteps(settings.steps)
+        first_guided = int(settings.guidance_start * len(pipe.scheduler.timesteps) + 1e-9)
+        guidance = settings.guidance if first_guided == 0 else UNGUIDED
+
+    def after_step(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if first_guided:
+            pipe._guidance_scale = settings.guidance if i + 1 >= first_guided else UNGUIDED
+        if on_step is not None:
+            on_step()
+        return {}
+
     parameters = set(inspect.signature(type(pipe).__call__).parameters)
-    if on_step is not None and "callback_on_step_end" in parameters:
-        extra["callback_on_step_end"] = lambda pipe, i, t, tensors: (on_step(), {})[1]
+    if (on_step is not None or first_guided) and "callback_on_step_end" in parameters:
+        extra["callback_on_step_end"] = after_step
     elif on_step is not None and "callback" in parameters:  # PixArt's older per-step callback
         extra["callback"], extra["callback_steps"] = lambda i, t, latents: on_step(), 1
     if settings.negative_prompt is not None:
@@ -185,7 +215,7 @@ def pipeline_images(pipe: Any, prompts: list[str], seeds: list[int], size: tuple
         height=size[0],
         width=size[1],
         num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance,
+        guidance_scale=guidance,
         generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
         output_type="np",
         **extra,
@@ -281,7 +311,7 @@ def sample(
     base = {"model": loaded.model, "adapter": loaded.adapter_path, "steps": settings.steps,
             "guidance": settings.guidance, "scheduler": scheduler, "height": size[0], "width": size[1],
             "negative_prompt": settings.negative_prompt, "guidance_rescale": settings.guidance_rescale,
-            "deltaconv": __version__}  # fmt: skip
+            "guidance_start": settings.guidance_start, "deltaconv": __version__}  # fmt: skip
     with (
         state.split_between_processes(jobs) as mine,
         progress_bar(not show_progress or not state.is_main_process) as bar,

@@ -1,7 +1,7 @@
 """Measure the embedded demo teacher: prompt adherence on held-out captions and Fréchet distances.
 
     python recipes/evaluate_demo_teacher.py [--pipeline PATH] [--count 200] [--guidance G ...] [--steps 20]
-        [--first-seed 0] [--scheduler NAME] [--guidance-rescale 0]
+        [--first-seed 0] [--scheduler NAME] [--guidance-rescale 0] [--guidance-start 0]
 
 Prints and writes JSON (--json) with adherence per scene kind, three Fréchet distances in the domain
 extractor's feature space: samples vs real images, real vs real (the floor at this sample size) and
@@ -12,7 +12,8 @@ behind those captions adhere (quality.reconstruction_adherence: the ceiling its 
 --grid writes a sample grid. --first-seed N samples caption i from the noise of seed N + i instead of i:
 the same captions from other noise, to see how far the sampling seeds alone move a score. --scheduler
 samples with another of `deltaconv sample`'s schedulers instead of the pipeline's own (the documented
-sampler); the result names the one used.
+sampler); the result names the one used. --guidance-start S samples the first share S of the steps with
+the conditional prediction alone (`deltaconv sample --guidance-start`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="caption i is sampled with seed N + i")
     parser.add_argument("--scheduler", default=None, help="default: the pipeline's own")
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="diffusers' guidance_rescale")
+    parser.add_argument(
+        "--guidance-start", type=float, default=0.0, help="share of the steps sampled before guidance starts"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--grid", type=Path, default=None, help="PNG: 16 captions, real scene and sample")
     args = parser.parse_args()
@@ -56,7 +60,13 @@ def main() -> None:
         parser.error(
             f"--count must be at least 1 and --first-seed >= 0, got {args.count} and {args.first_seed}"
         )
-    SampleSettings(scheduler=args.scheduler, guidance_rescale=args.guidance_rescale).check()
+    for guidance in args.guidance:
+        SampleSettings(
+            guidance=guidance,
+            scheduler=args.scheduler,
+            guidance_rescale=args.guidance_rescale,
+            guidance_start=args.guidance_start,
+        ).check()
     extractor_folder = args.extractor or demo_path("extractor")
     if not (extractor_folder / "config.json").is_file():
         raise DeltaConvError(f"{extractor_folder} is not a feature extractor folder: it has no config.json")
@@ -67,9 +77,8 @@ def main() -> None:
     reliance, reconstruction = position_reliance(pipe), reconstruction_adherence(pipe, args.count)
     results = []
     for guidance in args.guidance:
-        quality = generator_quality(
-            pipe, extractor, args.count, args.steps, guidance, args.first_seed, args.guidance_rescale
-        )
+        quality = generator_quality(pipe, extractor, args.count, args.steps, guidance, args.first_seed,
+                                    args.guidance_rescale, args.guidance_start)  # fmt: skip
         quality["scheduler"] = scheduler
         quality["position_reliance"] = reliance
         quality["vae_reconstruction"] = reconstruction

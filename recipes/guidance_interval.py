@@ -8,7 +8,8 @@ that makes more of every object the caption names, and a ``count`` caption's "th
 extra objects are the failure that dominates (BENCHMARKS.md, section 1). For each ``--below`` T this
 samples the held-out captions with the documented sampler (DPM++ 2M, trailing timesteps, seed i for
 caption i), guided at the timesteps below T and unguided from T up (T = 1000: every step, the documented
-sampler itself), and reports adherence per kind, the failed facts and where named objects land.
+sampler itself), and reports adherence per kind, the failed facts and where named objects land. T is
+turned into `deltaconv sample --guidance-start`'s share of the steps (20 steps: T = 800 is 0.2).
 """
 
 from __future__ import annotations
@@ -26,34 +27,13 @@ from deltaconv_cli.loading import load_model, locate_pipeline
 from deltaconv_cli.recipes.recipe_cli import run
 from deltaconv_cli.sampling import SampleSettings, generate
 
-# The pipeline fixes at the start of a call whether each step runs the caption-free half of the batch
-# (guidance > 1); at exactly 1 it drops that half and a later step could not bring it back. Unguided steps
-# keep it at a weight this close to none.
-UNGUIDED = 1.0 + 1e-6
 
-
-class GuidanceBelow:
-    """Called after every denoising step (``generate``'s ``on_step``): sets the next step's guidance."""
-
-    def __init__(self, pipe: Any, guidance: float, below: int) -> None:
-        self.pipe, self.guidance, self.below, self.done = pipe, guidance, below, 0
-
-    def scale_at(self, timestep: int) -> float:
-        return self.guidance if timestep < self.below else UNGUIDED
-
-    def settings(self, steps: int) -> SampleSettings:
-        """Sampler settings for ``steps`` steps, starting at the first step's guidance (later steps' come from
-        this hook)."""
-        self.pipe.scheduler.set_timesteps(steps)
-        return SampleSettings(steps, self.scale_at(int(self.pipe.scheduler.timesteps[0])))
-
-    def __call__(self) -> None:
-        timesteps = self.pipe.scheduler.timesteps
-        self.done += 1
-        if self.done == len(timesteps):  # the batch is finished; the next call starts over
-            self.done = 0
-        else:
-            self.pipe._guidance_scale = self.scale_at(int(timesteps[self.done]))
+def guidance_start(pipe: Any, steps: int, below: int) -> float:
+    """The share of the sampler's ``steps`` whose timestep is ``below`` or above: sampled unguided, as
+    ``SampleSettings.guidance_start``."""
+    pipe.scheduler.set_timesteps(steps)
+    timesteps = pipe.scheduler.timesteps
+    return int((timesteps >= below).sum()) / len(timesteps)
 
 
 def main() -> None:
@@ -77,14 +57,15 @@ def main() -> None:
     seeds = list(range(args.count))
     results = []
     for below in args.below:
-        hook = GuidanceBelow(pipe, args.guidance, below)
-        size = (domain.SIZE, domain.SIZE)
-        samples = generate(pipe, captions, seeds, size, hook.settings(args.steps), on_step=hook)
+        start = guidance_start(pipe, args.steps, below)
+        settings = SampleSettings(args.steps, args.guidance, guidance_start=start)
+        samples = generate(pipe, captions, seeds, (domain.SIZE, domain.SIZE), settings)
         result = {
             "captions": args.count,
             "steps": args.steps,
             "guidance": args.guidance,
             "guided_below": below,
+            "guidance_start": start,
             "adherence": adherence_by_kind(samples, captions, kinds),
             "named_objects": placed_objects(samples, captions),
             "failed_facts": failed_facts(samples, captions),

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -337,36 +336,24 @@ def test_count_histogram_spreads_the_drawn_numbers_of_each_caption_number(tmp_pa
         assert f"{label}: named colour and shape drawn " in done.stdout
 
 
-def test_guidance_below_sets_each_next_step_and_starts_over_for_the_next_batch():
+def test_guidance_below_a_timestep_is_the_share_of_steps_at_or_above_it():
     recipe = _guidance_interval_recipe()
-    pipe = SimpleNamespace(scheduler=SimpleNamespace(timesteps=torch.tensor([999, 849, 699, 549])))
-    hook = recipe.GuidanceBelow(pipe, 3.0, 700)
-    assert [hook.scale_at(t) for t in (999, 700, 699)] == [recipe.UNGUIDED, recipe.UNGUIDED, 3.0]
-    seen = []
-    for _ in range(2):  # two batches of four steps: the scale set after steps 1-3, none after the last
-        for _ in range(4):
-            pipe._guidance_scale = None
-            hook()
-            seen.append(pipe._guidance_scale)
-    assert seen == [recipe.UNGUIDED, 3.0, 3.0, None] * 2
+    pipe = load_model(locate_model("demo"))  # DPM++ with trailing timesteps: 999, 949, ..., 49 at 20 steps
+    assert [recipe.guidance_start(pipe, 20, below) for below in (1000, 800, 799, 0)] == [0.0, 0.2, 0.25, 1.0]
 
 
-def test_guidance_below_1000_is_the_documented_sampler_and_below_0_is_unguided():
-    recipe = _guidance_interval_recipe()
+def test_guidance_from_the_start_is_the_documented_sampler_and_from_the_end_is_unguided():
     pipe = load_model(locate_model("demo"))
     pipe.set_progress_bar_config(disable=True)
     captions, seeds = held_out_captions(2)[0], [0, 1]
 
-    def sampled(guidance: float, below: int | None = None) -> np.ndarray:
-        if below is None:
-            return np.stack(generate(pipe, captions, seeds, (64, 64), SampleSettings(3, guidance)))
-        hook = recipe.GuidanceBelow(pipe, guidance, below)
-        return np.stack(generate(pipe, captions, seeds, (64, 64), hook.settings(3), on_step=hook))
+    def sampled(guidance: float, start: float = 0.0) -> np.ndarray:
+        settings = SampleSettings(3, guidance, guidance_start=start)
+        return np.stack(generate(pipe, captions, seeds, (64, 64), settings))
 
     guided = sampled(2.0)
-    assert np.array_equal(sampled(2.0, 1000), guided)
     # Unguided steps keep the caption-free half of the batch at weight 1e-6: plain conditional sampling
     # up to the kernels a batch of another size picks (a grey level or two).
-    unguided, conditional = sampled(2.0, 0).astype(int), sampled(1.0).astype(int)
+    unguided, conditional = sampled(2.0, 1.0).astype(int), sampled(1.0).astype(int)
     assert np.abs(unguided - conditional).max() <= 2
     assert np.abs(guided.astype(int) - conditional).max() > 20

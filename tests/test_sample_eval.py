@@ -264,6 +264,12 @@ TOO_LARGE_SEED = f"seeds must be below 2**64, got {2**64}"
             ["--prompts", "demo:2", "--guidance-rescale", "-0.1"],
             "guidance rescale must be in [0, 1], got -0.1",
         ),
+        ("sample", ["-p", "x", "--guidance-start", "1.5"], "guidance start must be in [0, 1], got 1.5"),
+        (
+            "eval",
+            ["--prompts", "demo:2", "--guidance", "1", "--guidance-start", "0.2"],
+            "a guidance start needs guidance above 1, got 1.0",
+        ),
         ("sample", ["-p", "x", "--seed", "-1"], "seed must be >= 0, got -1"),
         ("sample", ["-p", "x", "-n", "2", "--seed", str(2**64 - 1)], TOO_LARGE_SEED),
         ("eval", ["--prompts", "demo:2", "--seed", "-1"], "seed must be >= 0, got -1"),
@@ -319,16 +325,58 @@ def test_eval_samples_every_system_with_the_guidance_rescale(saved_pipelines, tm
     assert "reused" not in second.stdout
 
 
+@pytest.mark.parametrize(("scheduler", "loop_steps"), [("ddim", 4), ("heun", 7)])
+def test_guidance_start_leaves_the_first_share_of_the_steps_unguided(saved_pipelines, scheduler, loop_steps):
+    from deltaconv_cli.sampling import UNGUIDED, SampleSettings, pipeline_images, set_scheduler
+
+    pipe = DiffusionPipeline.from_pretrained(saved_pipelines["sd1"]).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    set_scheduler(pipe, scheduler)
+    seen = []  # the guidance scale at each denoiser call; Heun's loop makes two calls a step but the last
+    pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(pipe.guidance_scale))
+    size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    for _ in range(2):  # the second call starts unguided again
+        pipeline_images(pipe, ["a cat"], [0], size, SampleSettings(4, 7.5, guidance_start=0.5))
+    first_guided = loop_steps // 2
+    assert seen == ([UNGUIDED] * first_guided + [7.5] * (loop_steps - first_guided)) * 2
+
+
+def test_guidance_start_reaches_the_pipeline_and_its_metadata(saved_pipelines, tmp_path):
+    model = saved_pipelines["sd1"]
+    sample(model, "-p", "a cat", "--steps", "4", "--scheduler", "ddim", "--out", tmp_path / "all")
+    sample(
+        model,
+        "-p",
+        "a cat",
+        "--steps",
+        "4",
+        "--scheduler",
+        "ddim",
+        "--guidance-start",
+        "0.5",
+        "--out",
+        tmp_path,
+    )
+    image = Image.open(tmp_path / "p00000-s0.png")
+    assert image.text["guidance_start"] == "0.5"
+    assert not np.array_equal(np.asarray(image), np.asarray(Image.open(tmp_path / "all" / "p00000-s0.png")))
+
+
 @pytest.mark.parametrize("command", ["sample", "eval"])
-def test_guidance_rescale_on_a_pipeline_without_it_fails_before_loading(
-    command, saved_pipelines, tmp_path, refuse_model_loading
+@pytest.mark.parametrize("option", ["--guidance-rescale", "--guidance-start"])
+def test_guidance_options_on_a_pipeline_without_them_fail_before_loading(
+    command, option, saved_pipelines, tmp_path, refuse_model_loading
 ):
     out = tmp_path / "out"
     prompt = ["-p", "x"] if command == "sample" else ["--prompts", "demo:2"]
-    args = [command, str(saved_pipelines["pixart"]), *prompt, "--guidance-rescale", "0.5", "--out", str(out)]
+    args = [command, str(saved_pipelines["pixart"]), *prompt, option, "0.5", "--out", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 1
-    assert result.stderr == "error: PixArt-α/Σ DiT pipelines have no guidance rescale; leave it at 0\n"
+    why = {
+        "--guidance-rescale": "have no guidance rescale; leave it at 0",
+        "--guidance-start": "fix guidance for the whole call; leave the guidance start at 0",
+    }[option]
+    assert result.stderr == f"error: PixArt-α/Σ DiT pipelines {why}\n"
     assert not out.exists()
 
 

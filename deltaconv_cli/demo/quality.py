@@ -170,6 +170,7 @@ def generator_quality(
     guidance: float = 4.0,
     first_seed: int = 0,
     guidance_rescale: float = 0.0,
+    guidance_start: float = 0.0,
 ) -> dict[str, Any]:
     """Adherence on ``count`` held-out captions and Fréchet distances of the samples to real images,
     next to two reference distances: real vs real (the floor at this sample size) and between two
@@ -181,7 +182,9 @@ def generator_quality(
     from ..sampling import SampleSettings, generate
 
     captions, kinds = held_out_captions(count)
-    settings = SampleSettings(steps=steps, guidance=guidance, guidance_rescale=guidance_rescale)
+    settings = SampleSettings(
+        steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, guidance_start=guidance_start
+    )
     seeds = list(range(first_seed, first_seed + count))
     samples = generate(pipe, captions, seeds, (domain.SIZE, domain.SIZE), settings)
     reference = real_images(REFERENCE_SEED, count)
@@ -191,6 +194,7 @@ def generator_quality(
         "steps": steps,
         "guidance": guidance,
         "guidance_rescale": guidance_rescale,
+        "guidance_start": guidance_start,
         "adherence": adherence_by_kind(samples, captions, kinds),
         "named_objects": placed_objects(samples, captions),
         "failed_facts": failed_facts(samples, captions),
