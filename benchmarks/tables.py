@@ -133,6 +133,8 @@ def _sampler(result: dict) -> str:
         label.append(f"guidance start {result['guidance_start']:g}")
     if result.get("captions", 200) != 200:
         label.append(f"{result['captions']} captions")
+    if result.get("first_seed"):
+        label.append(f"seeds from {result['first_seed']}")
     return ", ".join(label)
 
 
