@@ -60,13 +60,13 @@ def main() -> None:
         parser.error(
             f"--count must be at least 1 and --first-seed >= 0, got {args.count} and {args.first_seed}"
         )
-    for guidance in args.guidance:
-        SampleSettings(
-            guidance=guidance,
-            scheduler=args.scheduler,
-            guidance_rescale=args.guidance_rescale,
-            guidance_start=args.guidance_start,
-        ).check()
+    samplers = [
+        SampleSettings(args.steps, guidance, scheduler=args.scheduler, guidance_rescale=args.guidance_rescale,
+                       guidance_start=args.guidance_start)
+        for guidance in args.guidance
+    ]  # fmt: skip
+    for settings in samplers:
+        settings.check()
     extractor_folder = args.extractor or demo_path("extractor")
     if not (extractor_folder / "config.json").is_file():
         raise DeltaConvError(f"{extractor_folder} is not a feature extractor folder: it has no config.json")
@@ -76,16 +76,15 @@ def main() -> None:
     extractor = DomainFeatureExtractor.from_pretrained(extractor_folder).eval()
     reliance, reconstruction = position_reliance(pipe), reconstruction_adherence(pipe, args.count)
     results = []
-    for guidance in args.guidance:
-        quality = generator_quality(pipe, extractor, args.count, args.steps, guidance, args.first_seed,
-                                    args.guidance_rescale, args.guidance_start)  # fmt: skip
+    for settings in samplers:
+        quality = generator_quality(pipe, extractor, settings, args.count, args.first_seed)
         quality["scheduler"] = scheduler
         quality["position_reliance"] = reliance
         quality["vae_reconstruction"] = reconstruction
         samples, captions = quality.pop("samples"), quality.pop("sample_captions")
         print(json.dumps(quality), flush=True)
         results.append(quality)
-        if args.grid is not None and guidance == args.guidance[0]:
+        if args.grid is not None and settings is samplers[0]:
             # Each held-out caption beside the real scene it was drawn from.
             reals = real_images(HELD_OUT_SEED, 16)
             rows = [[real, sample] for real, sample in zip(reals, samples[:16], strict=True)]

@@ -193,9 +193,9 @@ def test_generator_quality_samples_caption_i_from_seed_first_seed_plus_i():
     pipe = load_model(locate_model("demo"))
     pipe.set_progress_bar_config(disable=True)
     extractor = DomainFeatureExtractor.from_pretrained(demo_path("extractor"))
-    quality = generator_quality(pipe, extractor, count=3, steps=2, guidance=2.0, first_seed=5)
-    captions, _ = held_out_captions(3)
     settings = SampleSettings(steps=2, guidance=2.0)
+    quality = generator_quality(pipe, extractor, settings, count=3, first_seed=5)
+    captions, _ = held_out_captions(3)
     assert quality["first_seed"] == 5 and quality["sample_captions"] == captions
     assert np.array_equal(quality["samples"], generate(pipe, captions, [5, 6, 7], (64, 64), settings))
     assert not np.array_equal(quality["samples"], generate(pipe, captions, [0, 1, 2], (64, 64), settings))

@@ -4,7 +4,7 @@ in the domain extractor's feature space (computed offline)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -12,6 +12,9 @@ from cleanfid.fid import fid_from_feats
 
 from . import domain
 from .extractor import DomainFeatureExtractor
+
+if TYPE_CHECKING:
+    from ..sampling import SampleSettings
 
 HELD_OUT_SEED = 10_000_019  # captions no training stream draws (training uses seeds 0.. and seed + 1)
 REFERENCE_SEED = 20_000_003  # real images for Fréchet distances
@@ -165,36 +168,31 @@ def position_reliance(
 def generator_quality(
     pipe: Any,
     extractor: DomainFeatureExtractor,
+    settings: SampleSettings,
     count: int = 200,
-    steps: int = 20,
-    guidance: float = 4.0,
     first_seed: int = 0,
-    guidance_rescale: float = 0.0,
-    guidance_start: float = 0.0,
 ) -> dict[str, Any]:
     """Adherence on ``count`` held-out captions and Fréchet distances of the samples to real images,
     next to two reference distances: real vs real (the floor at this sample size) and between two
-    different domains (real ``single``-object scenes vs real ``count`` scenes).
+    different domains (real ``single``-object scenes vs real ``count`` scenes). The samples are drawn with
+    ``settings`` and the pipeline's scheduler as it is set.
 
     Caption ``i`` is sampled from the initial noise of seed ``first_seed + i``: another ``first_seed``
     draws the same captions from other noise, which measures how far the sampling seeds alone move a score.
     """
-    from ..sampling import SampleSettings, generate
+    from ..sampling import generate
 
     captions, kinds = held_out_captions(count)
-    settings = SampleSettings(
-        steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, guidance_start=guidance_start
-    )
     seeds = list(range(first_seed, first_seed + count))
     samples = generate(pipe, captions, seeds, (domain.SIZE, domain.SIZE), settings)
     reference = real_images(REFERENCE_SEED, count)
     return {
         "captions": count,
         "first_seed": first_seed,
-        "steps": steps,
-        "guidance": guidance,
-        "guidance_rescale": guidance_rescale,
-        "guidance_start": guidance_start,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "guidance_rescale": settings.guidance_rescale,
+        "guidance_start": settings.guidance_start,
         "adherence": adherence_by_kind(samples, captions, kinds),
         "named_objects": placed_objects(samples, captions),
         "failed_facts": failed_facts(samples, captions),
