@@ -38,6 +38,8 @@ from deltaconv_cli.loading import demo_path, load_model, locate_pipeline
 from deltaconv_cli.recipes.recipe_cli import run
 from deltaconv_cli.sampling import SampleSettings, set_scheduler
 
+GRID_CAPTIONS = 16
+
 
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
@@ -85,10 +87,11 @@ def main() -> None:
         print(json.dumps(quality), flush=True)
         results.append(quality)
         if args.grid is not None and settings is samplers[0]:
-            # Each held-out caption beside the real scene it was drawn from.
-            reals = real_images(HELD_OUT_SEED, 16)
-            rows = [[real, sample] for real, sample in zip(reals, samples[:16], strict=True)]
-            save_grid(rows, args.grid, ["real scene", "teacher sample"], captions[:16], scale=2)
+            # Each held-out caption beside the real scene it was drawn from (16, or all with fewer).
+            shown = min(GRID_CAPTIONS, args.count)
+            reals = real_images(HELD_OUT_SEED, shown)
+            rows = [[real, sample] for real, sample in zip(reals, samples[:shown], strict=True)]
+            save_grid(rows, args.grid, ["real scene", "teacher sample"], captions[:shown], scale=2)
     write_json(args.json, results)
 
 

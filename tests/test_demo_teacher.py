@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from tiny_models import tiny_denoiser
 
 from deltaconv_cli.demo import domain, teacher
@@ -212,6 +213,17 @@ def test_a_broken_recipe_json_in_a_work_folder_is_refused_in_one_line(tmp_path: 
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def test_evaluate_demo_teacher_grids_every_caption_when_given_fewer_than_sixteen(tmp_path: Path):
+    grid, results = tmp_path / "grid.png", tmp_path / "quality.json"
+    command = [sys.executable, str(RECIPES / "evaluate_demo_teacher.py"), "--count", "3", "--steps", "1",
+               "--grid", str(grid), "--json", str(results)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(results.read_text())[0]["captions"] == 3
+    image = Image.open(grid)  # two columns of 128 px images; three rows of them, with their captions
+    assert image.width == 2 * (64 * 2 + 2) and image.height > 3 * 64 * 2
 
 
 @pytest.mark.parametrize(
