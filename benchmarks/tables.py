@@ -100,7 +100,9 @@ def eval_table(report: dict) -> str:
     header += ["adherence", "s / image", "peak memory"]
     lines = [
         f"{report['model']}: {report['prompts']} prompts, {report['height']}x{report['width']}, "
-        f"{settings['steps']} steps, guidance {settings['guidance']}, {report['device']}",
+        f"{settings['steps']} steps, guidance {settings['guidance']}"
+        + (f" from {settings['guidance_start']:g} of the steps" if settings.get("guidance_start") else "")
+        + f", {report['device']}",
         "",
     ]
     rows = []

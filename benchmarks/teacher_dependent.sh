@@ -24,9 +24,12 @@ measure() {
     echo "[$step] $(($(date +%s) - start)) s" | tee -a "$log"
 }
 
-# 1. The teacher: quality at three guidance values, 30 steps, 400 captions; where facts are lost.
+# 1. The teacher: quality at three guidance values, guided from the first step, 30 steps, 400 captions;
+# where facts are lost.
 measure python recipes/evaluate_demo_teacher.py --guidance 2 3 1.5 --json docs/demo-teacher-quality.json \
     --grid docs/demo-samples.png
+measure python recipes/evaluate_demo_teacher.py --guidance-start 0 \
+    --json docs/demo-teacher-quality-guided-every-step.json
 measure python recipes/evaluate_demo_teacher.py --steps 30 --json docs/demo-teacher-quality-steps30.json
 measure python recipes/evaluate_demo_teacher.py --count 400 --json docs/demo-teacher-quality-400-captions.json
 measure python recipes/adherence_from_noised_scenes.py --json docs/demo-teacher-from-noised-scenes.json

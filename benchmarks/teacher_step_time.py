@@ -34,7 +34,7 @@ def main() -> None:
     if args.rounds < 1 or args.batch < 1:
         parser.error("--rounds and --batch must be at least 1")
     recipes = {
-        "attention at 32 x 32 (v2)": TeacherRecipe(),
+        "attention at 32 x 32 (v2)": TeacherRecipe(full_resolution_attention=True),
         "no attention at 32 x 32": TeacherRecipe(full_resolution_attention=False),
     }
     steps = {}

@@ -277,6 +277,7 @@ class AnalysisReport:
     prompts: list[str]
     steps: int
     guidance: float
+    guidance_start: float
     bands: list[str]
     queries_per_call: int
     layers: list[LayerLocality]
@@ -350,7 +351,7 @@ def analyze(
 ) -> AnalysisReport:
     """Sample ``prompts`` (on the demo, by default two captions with placed objects) with the original
     model while recording its self-attention locality; ``guidance`` defaults to the model's own."""
-    from .sampling import SampleSettings, default_guidance, generate, load_for_sampling, resolve_size
+    from .sampling import SampleSettings, generate, load_for_sampling, resolve_size
 
     SampleSettings(steps, guidance, height, width).check()
     for name, value in (("queries", queries), ("chunk", chunk)):
@@ -362,7 +363,7 @@ def analyze(
         raise DeltaConvError(f"timestep band edges must lie in 1..{timesteps - 1}, got {outside[0]}")
     prompts = list(prompts) or default_prompts(model)
     check_seeds(range(seed, seed + len(prompts)))
-    guidance = default_guidance(model) if guidance is None else guidance
+    settings = SampleSettings(steps, guidance).for_model(model)
     loaded = load_for_sampling(model, None, device, dtype)
     if loaded.adapter is not None:
         loaded.adapter.unmount()  # analyse the original attention
@@ -372,7 +373,7 @@ def analyze(
     recorder = LocalityRecorder(band_edges, pipe.scheduler.config.num_train_timesteps, queries, chunk, seed)
     detach = attach_recorder(denoiser, recorder, layers, score_override)
     try:
-        generate(pipe, prompts, list(range(seed, seed + len(prompts))), size, SampleSettings(steps, guidance))
+        generate(pipe, prompts, list(range(seed, seed + len(prompts))), size, settings)
     finally:
         detach()
     kernels = default_kernel_sizes(denoiser)
@@ -385,7 +386,7 @@ def analyze(
     for result in results:
         recommended[result.stage] = max(recommended.get(result.stage, 0), result.recommended_kernel_size)
     return AnalysisReport(
-        str(model), *size, list(prompts), steps, guidance,
+        str(model), *size, list(prompts), steps, settings.guidance, settings.guidance_start,
         [LocalityRecorder.band_name(lo, hi) for lo, hi in recorder.bands], queries, results, recommended,
         {stage: kernels[stage] for stage in recommended},
     )  # fmt: skip

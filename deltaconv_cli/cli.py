@@ -292,7 +292,11 @@ GuidanceRescaleOption = Annotated[
     float, typer.Option(help="0-1: rescale guided predictions (for zero-terminal-SNR models; not PixArt).")
 ]
 GuidanceStartOption = Annotated[
-    float, typer.Option(help="0-1: share of the steps sampled unguided before guidance starts (not PixArt).")
+    float | None,
+    typer.Option(
+        help="0-1: share of the steps sampled unguided before guidance starts (default 0; demo: its "
+        "recommended; not PixArt)."
+    ),
 ]
 
 
@@ -330,7 +334,7 @@ def sample(
     ] = None,
     negative_prompt: Annotated[str | None, typer.Option()] = None,
     guidance_rescale: GuidanceRescaleOption = 0.0,
-    guidance_start: GuidanceStartOption = 0.0,
+    guidance_start: GuidanceStartOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and the grid.")] = Path(
         "samples"
     ),
@@ -390,7 +394,7 @@ def eval_command(
     steps: Annotated[int, typer.Option()] = 20,
     guidance: Annotated[float | None, typer.Option(help="Default 7.5; demo: its recommended.")] = None,
     guidance_rescale: GuidanceRescaleOption = 0.0,
-    guidance_start: GuidanceStartOption = 0.0,
+    guidance_start: GuidanceStartOption = None,
     height: Annotated[int | None, typer.Option()] = None,
     width: Annotated[int | None, typer.Option()] = None,
     scheduler: Annotated[str | None, typer.Option()] = None,

@@ -56,7 +56,7 @@ from .loading import load_model, locate_model, locate_pipeline
 from .mixers import INITS, MIXERS
 from .progress import advance, progress_bar
 from .runtime import check_output_folder
-from .sampling import default_guidance
+from .sampling import SampleSettings
 from .surgery import DeltaConvAdapter, ReplacedSelfAttention
 
 RECIPES_DIR = Path(str(importlib.resources.files("deltaconv_cli.recipes")))
@@ -99,7 +99,8 @@ class DistillConfig:
     gradient_checkpointing: bool = False
     report_prompts: int = 8
     report_steps: int = 20
-    report_guidance: float | None = None  # default: the model's own (sampling.default_guidance)
+    report_guidance: float | None = None  # default: the model's own (SampleSettings.for_model)
+    report_guidance_start: float | None = None  # default: the model's own (SampleSettings.for_model)
     report_to: str = "none"  # "tensorboard": losses also go to accelerate's TensorBoard tracker
 
     def check(self) -> None:
@@ -118,11 +119,17 @@ class DistillConfig:
         ):
             raise DeltaConvError(f"kernel sizes must be positive odd numbers, got {sizes!r}")
 
+    def report_sampling(self) -> SampleSettings:
+        """How the end-of-run report samples teacher and students."""
+        return SampleSettings(
+            self.report_steps, self.report_guidance, guidance_start=self.report_guidance_start
+        )
+
     # Settings that change the training trajectory; a resumed run must agree on them.
     def trajectory(self) -> dict[str, Any]:
         data = asdict(self)
         for key in ("steps", "checkpoint_every", "keep_checkpoints", "num_workers", "report_prompts",
-                    "report_steps", "report_guidance", "report_to"):  # fmt: skip
+                    "report_steps", "report_guidance", "report_guidance_start", "report_to"):  # fmt: skip
             data.pop(key)
         return data
 
@@ -167,6 +174,7 @@ _SETTING_RULES: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] =
     "report_prompts": (_COUNT, lambda v: v >= 1, "at least 1"),
     "report_steps": (_COUNT, lambda v: v >= 1, "at least 1"),
     "report_guidance": ((*_NUMBER, type(None)), lambda v: v is None or _finite(0)(v), "a number >= 0"),
+    "report_guidance_start": ((*_NUMBER, type(None)), lambda v: v is None or 0 <= v <= 1, "in [0, 1]"),
     "report_to": ((str,), lambda v: v in REPORT_TO, f"one of {', '.join(REPORT_TO)}"),
 }
 
@@ -389,8 +397,13 @@ def distill(
 
     out = Path(out)
     check_output_folder(out)
-    if config.report_guidance is None:
-        config = replace(config, report_guidance=default_guidance(model))
+    report_sampling = config.report_sampling()
+    report_sampling.check()
+    report_sampling.check_model(model, "distill")
+    report_sampling = report_sampling.for_model(model)
+    config = replace(
+        config, report_guidance=report_sampling.guidance, report_guidance_start=report_sampling.guidance_start
+    )
     dataset = open_data(data, config.seed)
     if config.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise DeltaConvError("report_to tensorboard needs the tensorboard package: pip install tensorboard")
@@ -796,18 +809,18 @@ def teacher_student_report(
     and agreement numbers (image PSNR/SSIM, denoiser relative error; prompt adherence on the demo);
     distill writes the numbers to ``report.json``."""
     from .evaluation import agreement_run
-    from .sampling import SampleSettings, denoising_steps
+    from .sampling import denoising_steps
 
     prompts = report_prompts(data, config)
     trained_state = copy.deepcopy(adapter.state_dict())
-    steps = 4 * denoising_steps(len(prompts), SampleSettings(steps=config.report_steps))
+    steps = 4 * denoising_steps(len(prompts), config.report_sampling())
     with progress_bar(disable=not show_progress) as progress:
         task = progress.add_task("report: teacher vs converted vs distilled", total=steps, status="")
         runs = {}
         for name, state in (("converted", initial_state), ("distilled", trained_state)):
             adapter.load_state_dict(state)
             runs[name] = agreement_run(
-                pipe, adapter, prompts, config.resolution, config.report_steps, config.report_guidance,
+                pipe, adapter, prompts, config.resolution, config.report_sampling(),
                 on_step=lambda name=name: advance(progress, task, name),
             )  # fmt: skip
     initial, trained = runs["converted"], runs["distilled"]

@@ -28,7 +28,6 @@ from .sampling import (
     SampleSettings,
     StepCallback,
     check_batch_size,
-    default_guidance,
     denoising_steps,
     generate,
     pipeline_images,
@@ -60,12 +59,11 @@ class TrajectoryComparison:
 
 
 def agreement_run(pipe: Any, adapter: DeltaConvAdapter, prompts: list[str], resolution: int | tuple[int, int],
-                  steps: int, guidance: float, on_step: StepCallback = None) -> dict[str, Any]:  # fmt: skip
+                  settings: SampleSettings, on_step: StepCallback = None) -> dict[str, Any]:  # fmt: skip
     """Teacher and student images for prompts with seeds 0..n-1, and how far apart they are
     (``2 * denoising_steps(len(prompts), ...)`` denoising steps, each reported to ``on_step``)."""
     size = (resolution, resolution) if isinstance(resolution, int) else resolution
     seeds = list(range(len(prompts)))
-    settings = SampleSettings(steps=steps, guidance=guidance)
     comparison = TrajectoryComparison(adapter)
     handle = denoiser_of(pipe).register_forward_hook(comparison, with_kwargs=True)
     try:
@@ -233,7 +231,7 @@ class EvalSettings:
     trajectory_prompts: int = 8
     timing_rounds: int = 3  # timed rounds (systems in turns, after a warm-up round; medians)
     guidance_rescale: float = 0.0  # as SampleSettings.guidance_rescale
-    guidance_start: float = 0.0  # as SampleSettings.guidance_start
+    guidance_start: float | None = None  # as SampleSettings.guidance_start
 
     def sampling(self) -> SampleSettings:
         """The settings every system samples with."""
@@ -364,8 +362,8 @@ def evaluate(
     settings.check()
     check_seeds(range(settings.seed, settings.seed + len(prompts)))
     settings.sampling().check_model(model)
-    if settings.guidance is None:
-        settings = replace(settings, guidance=default_guidance(model))
+    recommended = settings.sampling().for_model(model)
+    settings = replace(settings, guidance=recommended.guidance, guidance_start=recommended.guidance_start)
     fid_plan = plan_fid(str(model), reference, settings.feature, len(prompts), include_original)
     out = Path(out)
     check_output_folder(out)

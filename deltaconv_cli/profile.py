@@ -550,10 +550,10 @@ def end_to_end(
     from .conditioning import use_tiled_vae
     from .interop import adapter_for
     from .runtime import default_device
-    from .sampling import SampleSettings, default_guidance, load_for_sampling, pipeline_images
+    from .sampling import SampleSettings, load_for_sampling, pipeline_images
 
     note = on_progress or (lambda message: None)
-    settings = SampleSettings(steps, guidance if guidance is not None else default_guidance(model))
+    settings = SampleSettings(steps, guidance).for_model(model)
     settings.check()
     check_timing(repeats, time_budget_s)
     if model in BUILTIN_ARCHITECTURES:

@@ -78,8 +78,9 @@ class SampleSettings:
     # for models trained to zero SNR at the last timestep; 0 leaves guidance as it is
     guidance_rescale: float = 0.0
     # the share of the denoising steps sampled with the conditional prediction alone before guidance starts
-    # (diffusers' guiders call it ``start``): where the layout is decided, guidance adds objects
-    guidance_start: float = 0.0
+    # (diffusers' guiders call it ``start``): where the layout is decided, guidance adds objects.
+    # Default: the model's recommended start (for_model)
+    guidance_start: float | None = None
 
     def check(self) -> None:
         """A clear error for settings no model can use (checked before any model is loaded)."""
@@ -94,7 +95,7 @@ class SampleSettings:
             check_scheduler(self.scheduler)
         if not 0 <= self.guidance_rescale <= 1:
             raise DeltaConvError(f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
-        if not 0 <= self.guidance_start <= 1:
+        if self.guidance_start is not None and not 0 <= self.guidance_start <= 1:
             raise DeltaConvError(f"guidance start must be in [0, 1], got {self.guidance_start}")
         if self.guidance_start and self.guidance is not None and self.guidance <= 1:
             raise DeltaConvError(f"a guidance start needs guidance above 1, got {self.guidance}")
@@ -108,9 +109,22 @@ class SampleSettings:
                 f"{family.label} pipelines fix guidance for the whole call; leave the guidance start at 0"
             )
 
-    def check_model(self, model: str | Path) -> None:
-        """:meth:`check_family` for the pipeline at ``model``, read from its configs (nothing loaded)."""
-        self.check_family(family_for(locate_pipeline(model, "sampling", config_only=True).meta_denoiser()))
+    def check_model(self, model: str | Path, purpose: str = "sampling") -> None:
+        """:meth:`check_family` for the pipeline at ``model``, read from its configs (nothing loaded);
+        ``purpose`` names what needs a whole pipeline where ``model`` is a bare denoiser."""
+        self.check_family(family_for(locate_pipeline(model, purpose, config_only=True).meta_denoiser()))
+
+    def for_model(self, model: str | Path) -> SampleSettings:
+        """These settings with ``model``'s recommended guidance and guidance start where they are unset:
+        the demo teacher's own (a start only where it is guided), else SD's 7.5 from the first step."""
+        from .demo import DEMO
+        from .demo.teacher import RECOMMENDED_GUIDANCE_START
+
+        guidance = default_guidance(model) if self.guidance is None else self.guidance
+        start = self.guidance_start
+        if start is None:
+            start = RECOMMENDED_GUIDANCE_START if str(model) == DEMO and guidance > 1 else 0.0
+        return replace(self, guidance=guidance, guidance_start=start)
 
 
 def check_scheduler(name: str) -> None:
@@ -294,8 +308,7 @@ def sample(
     check_batch_size(batch_size)
     check_output_folder(Path(out))
     settings.check_model(model)
-    if settings.guidance is None:
-        settings = replace(settings, guidance=default_guidance(model))
+    settings = settings.for_model(model)
     state = PartialState()
     loaded = load_for_sampling(model, adapter, device or str(state.device), dtype)
     if compare and loaded.adapter is None:

@@ -4,8 +4,8 @@
         [--strength 0.3 0.5 0.7 0.85 0.95] [--json FILE]
 
 Each held-out caption's real scene is encoded by the pipeline's VAE, noised part of the way up the schedule
-and sampled from there with the documented sampler (the pipeline's scheduler, 20 steps, the recommended
-guidance, each image's noise seeded by its caption's index), as diffusers' img2img pipeline does with
+and sampled from there with the pipeline's scheduler, 20 steps and the recommended guidance at every step
+from where sampling starts (each image's noise seeded by its caption's index), as diffusers' img2img does with
 ``strength``: strength s starts at the trailing timestep s of the way up, and 1 is sampling from pure
 noise. For each strength it prints the timestep sampling starts at, adherence by scene kind and the
 failed facts by reason (quality.failed_facts). What a strength loses that a lower one keeps is lost at

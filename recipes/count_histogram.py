@@ -1,7 +1,7 @@
 """How many objects a demo-domain generator draws for each number its count and mirror captions name.
 
     python recipes/count_histogram.py [--pipeline demo] [--seeds 4] [--guidance 2] [--steps 20] \\
-        [--scheduler NAME] [--guidance-rescale 0] [--guidance-start 0] [--json FILE]
+        [--scheduler NAME] [--guidance-rescale 0] [--guidance-start 0.2] [--json FILE]
 
 `count` and `mirror` adherence only say that a number came out wrong. This samples every colour and
 shape with each number word ("two", "three", "four" ... and "two ... mirrored"), from ``--seeds`` seeds
@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from deltaconv_cli.cli import write_json
-from deltaconv_cli.demo import domain
+from deltaconv_cli.demo import DEMO, domain
 from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
 from deltaconv_cli.recipes.recipe_cli import run
 from deltaconv_cli.sampling import SampleSettings, generate, load_for_sampling, set_scheduler
@@ -48,8 +48,9 @@ def main() -> None:
     parser.add_argument("--scheduler", default=None, help="default: the pipeline's own")
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="diffusers' guidance_rescale")
     parser.add_argument(
-        "--guidance-start", type=float, default=0.0, help="share of the steps sampled before guidance starts"
-    )
+        "--guidance-start", type=float, default=None,
+        help="share of the steps sampled before guidance starts (default: the demo's recommended)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.seeds < 1 or args.steps < 1 or not args.guidance >= 0:
@@ -62,10 +63,12 @@ def main() -> None:
         guidance_start=args.guidance_start,
     )
     settings.check()
+    settings = settings.for_model(DEMO)
     pipe = load_for_sampling(args.pipeline).pipe
     scheduler = set_scheduler(pipe, settings.scheduler)
     result = {"seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "scheduler": scheduler,
-              "guidance_rescale": args.guidance_rescale, "guidance_start": args.guidance_start}  # fmt: skip
+              "guidance_rescale": args.guidance_rescale,
+              "guidance_start": settings.guidance_start}  # fmt: skip
     for label, captions in captions_by_number().items():
         prompts = [c for c in captions for _ in range(args.seeds)]
         seeds = [s for _ in captions for s in range(args.seeds)]

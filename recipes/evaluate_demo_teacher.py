@@ -1,7 +1,7 @@
 """Measure the embedded demo teacher: prompt adherence on held-out captions and Fréchet distances.
 
     python recipes/evaluate_demo_teacher.py [--pipeline PATH] [--count 200] [--guidance G ...] [--steps 20]
-        [--first-seed 0] [--scheduler NAME] [--guidance-rescale 0] [--guidance-start 0]
+        [--first-seed 0] [--scheduler NAME] [--guidance-rescale 0] [--guidance-start 0.2]
 
 Prints and writes JSON (--json) with adherence per scene kind, three Fréchet distances in the domain
 extractor's feature space: samples vs real images, real vs real (the floor at this sample size) and
@@ -13,7 +13,8 @@ behind those captions adhere (quality.reconstruction_adherence: the ceiling its 
 the same captions from other noise, to see how far the sampling seeds alone move a score. --scheduler
 samples with another of `deltaconv sample`'s schedulers instead of the pipeline's own (the documented
 sampler); the result names the one used. --guidance-start S samples the first share S of the steps with
-the conditional prediction alone (`deltaconv sample --guidance-start`).
+the conditional prediction alone (`deltaconv sample --guidance-start`; by default the demo's recommended
+0.2, 0 where the guidance is 1 or less).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 from pathlib import Path
 
 from deltaconv_cli.cli import write_json
+from deltaconv_cli.demo import DEMO
 from deltaconv_cli.demo.extractor import DomainFeatureExtractor
 from deltaconv_cli.demo.quality import (
     HELD_OUT_SEED,
@@ -53,8 +55,9 @@ def main() -> None:
     parser.add_argument("--scheduler", default=None, help="default: the pipeline's own")
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="diffusers' guidance_rescale")
     parser.add_argument(
-        "--guidance-start", type=float, default=0.0, help="share of the steps sampled before guidance starts"
-    )
+        "--guidance-start", type=float, default=None,
+        help="share of the steps sampled before guidance starts (default: the demo's recommended)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--grid", type=Path, default=None, help="PNG: 16 captions, real scene and sample")
     args = parser.parse_args()
@@ -69,6 +72,7 @@ def main() -> None:
     ]  # fmt: skip
     for settings in samplers:
         settings.check()
+    samplers = [settings.for_model(DEMO) for settings in samplers]
     extractor_folder = args.extractor or demo_path("extractor")
     if not (extractor_folder / "config.json").is_file():
         raise DeltaConvError(f"{extractor_folder} is not a feature extractor folder: it has no config.json")

@@ -130,7 +130,7 @@ def x0_error(unet, context, x0, noise, scheduler, objective: str) -> float:
 
 def run_variant(name: str, args: argparse.Namespace, data: dict, tokenizer, width: int) -> dict:
     torch.manual_seed(args.seed)
-    recipe = TeacherRecipe(seed=args.seed)
+    recipe = TeacherRecipe(seed=args.seed, full_resolution_attention=True)  # the UNet it was measured on
     unet = build_components(recipe, args.scratch)["unet"]
     if name in ("oracle", "colour-shape"):
         path = FactContext(width, with_cell=name == "oracle")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -101,7 +101,7 @@ def test_unet_stage_keeps_the_text_encoder_frozen_and_resumes_exactly(tmp_path: 
 def test_a_work_folder_of_another_recipe_is_refused_before_any_stage_runs(tmp_path: Path):
     work = tmp_path / "work"
     work.mkdir()
-    (work / "recipe.json").write_text(json.dumps(asdict(TeacherRecipe(vae_steps=600, mirror_class=True))))
+    (work / "recipe.json").write_text(json.dumps(asdict(TeacherRecipe(vae_steps=600, mirror_class=False))))
     with pytest.raises(
         DeltaConvError, match=r"holds stages of another recipe \(vae_steps, mirror_class differ\)"
     ):
@@ -128,7 +128,8 @@ def test_a_work_folder_written_before_a_setting_existed_counts_it_at_its_default
 
 
 def test_attention_heads_set_the_heads_of_each_level(tmp_path: Path):
-    unet = build_components(TeacherRecipe(attention_heads=(1, 4, 2)), tmp_path)["unet"]
+    recipe = TeacherRecipe(attention_heads=(1, 4, 2), full_resolution_attention=True)
+    unet = build_components(recipe, tmp_path)["unet"]
     heads = {name: module.heads for name, module in unet.named_modules() if name.endswith(("attn1", "attn2"))}
     assert {heads[n] for n in heads if n.startswith(("down_blocks.0", "up_blocks.2"))} == {1}
     assert {heads[n] for n in heads if n.startswith(("down_blocks.1", "up_blocks.1"))} == {4}
@@ -136,13 +137,18 @@ def test_attention_heads_set_the_heads_of_each_level(tmp_path: Path):
     assert len(heads) == 14  # self- and cross-attention in 7 transformer blocks
 
 
-def test_without_full_resolution_attention_only_the_32_by_32_level_loses_its_attention(tmp_path: Path):
-    recipe = TeacherRecipe(full_resolution_attention=False)
+def test_the_shipped_recipe_has_attention_everywhere_but_at_32_by_32(tmp_path: Path):
+    recipe = TeacherRecipe()
     unet = build_components(recipe, tmp_path)["unet"]
     attention = [name for name, module in unet.named_modules() if name.endswith(("attn1", "attn2"))]
     levels = {name.split(".attentions")[0] for name in attention}
     assert levels == {"down_blocks.1", "up_blocks.1", "mid_block"}
     assert len(attention) == 8  # self- and cross-attention in 4 transformer blocks
+    full = build_components(replace(recipe, full_resolution_attention=True), tmp_path / "full")["unet"]
+    assert {name.split(".attentions")[0] for name in full.attn_processors} == levels | {
+        "down_blocks.0",
+        "up_blocks.2",
+    }
     assert unet(
         torch.randn(1, 4, 32, 32), 999, torch.randn(1, TEXT_LENGTH, recipe.text_width)
     ).sample.shape == (1, 4, 32, 32)

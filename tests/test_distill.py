@@ -166,7 +166,8 @@ def test_outputs_of_a_run(saved_pipelines, image_folder, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     report = json.loads((tmp_path / "r.json").read_text())
     # The demo recipe leaves the report's guidance to the model: SD's 7.5 for a model other than the demo.
-    assert json.loads((out / "config.json").read_text())["report_guidance"] == 7.5
+    config = json.loads((out / "config.json").read_text())
+    assert (config["report_guidance"], config["report_guidance_start"]) == (7.5, 0.0)
     assert set(report["converted"]) >= {"psnr_db", "ssim", "denoiser_relative_error"}
     from deltaconv_cli.loading import load_converted
 
@@ -310,6 +311,11 @@ def test_two_processes_match_one(saved_pipelines, image_folder, tmp_path):
         (["--batch-size", "0"], "setting batch_size must be at least 1, got 0"),
         (["--set", "caption_dropout=2"], "setting caption_dropout must be a probability in [0, 1], got 2"),
         (["--set", "report_to=wandb"], "setting report_to must be one of none, tensorboard, got 'wandb'"),
+        (["--set", "report_guidance_start=2"], "setting report_guidance_start must be in [0, 1], got 2"),
+        (
+            ["--set", "report_guidance=1", "--set", "report_guidance_start=0.2"],
+            "a guidance start needs guidance above 1, got 1",
+        ),
         (["-k", "4"], "kernel sizes must be positive odd numbers, got 4"),
         (
             ["--resolution", "36"],
@@ -324,6 +330,17 @@ def test_bad_settings_fail_before_any_model_is_loaded(
     out = tmp_path / "run"
     line = cli_error(saved_pipelines["sd1"], "--data", image_folder, "--out", out, *args)
     assert line == f"error: {message}"
+    assert not out.exists()
+
+
+def test_a_guidance_start_for_the_report_of_a_pixart_run_fails_before_loading(
+    saved_pipelines, image_folder, tmp_path, refuse_model_loading
+):
+    out = tmp_path / "run"
+    line = cli_error(saved_pipelines["pixart"], "--data", image_folder, "--out", out,
+                     "--set", "report_guidance_start=0.2")  # fmt: skip
+    why = "fix guidance for the whole call; leave the guidance start at 0"
+    assert line == f"error: PixArt-α/Σ DiT pipelines {why}"
     assert not out.exists()
 
 

@@ -232,6 +232,26 @@ def test_a_model_without_adapter_samples_as_the_original(tmp_path):
         "two red circles",
     )
     assert "1 image (original," in result.stdout
+    # the demo teacher's recommended sampler: guidance 2 after the first 20 % of the steps
+    assert (image.text["guidance"], image.text["guidance_start"]) == ("2.0", "0.2")
+
+
+@pytest.mark.parametrize(
+    ("model", "settings", "expected"),
+    [
+        ("demo", {}, (2.0, 0.2)),
+        ("demo", {"guidance": 3.0}, (3.0, 0.2)),
+        ("demo", {"guidance": 1.0}, (1.0, 0.0)),  # nothing to start where nothing is guided
+        ("demo", {"guidance_start": 0.0}, (2.0, 0.0)),
+        ("sd1", {}, (7.5, 0.0)),
+        ("sd1", {"guidance_start": 0.3}, (7.5, 0.3)),
+    ],
+)
+def test_unset_guidance_and_start_are_the_models_recommended(model, settings, expected, saved_pipelines):
+    from deltaconv_cli.sampling import SampleSettings
+
+    resolved = SampleSettings(**settings).for_model("demo" if model == "demo" else saved_pipelines[model])
+    assert (resolved.guidance, resolved.guidance_start) == expected
 
 
 def test_compare_metadata_names_the_adapter_only_on_the_student(converted, tmp_path):
