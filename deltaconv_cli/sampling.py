@@ -69,7 +69,7 @@ SCHEDULERS = {
 @dataclass
 class SampleSettings:
     steps: int = 20
-    guidance: float | None = None  # default: the model's recommended guidance (default_guidance)
+    guidance: float | None = None  # default: the model's recommended guidance (for_model)
     height: int | None = None  # default: the model's native size
     width: int | None = None
     scheduler: str | None = None  # default: the pipeline's own
@@ -118,26 +118,21 @@ class SampleSettings:
         """These settings with ``model``'s recommended guidance and guidance start where they are unset:
         the demo teacher's own (a start only where it is guided), else SD's 7.5 from the first step."""
         from .demo import DEMO
-        from .demo.teacher import RECOMMENDED_GUIDANCE_START
+        from .demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_GUIDANCE_START
 
-        guidance = default_guidance(model) if self.guidance is None else self.guidance
+        demo = str(model) == DEMO
+        guidance = self.guidance
+        if guidance is None:
+            guidance = RECOMMENDED_GUIDANCE if demo else 7.5
         start = self.guidance_start
         if start is None:
-            start = RECOMMENDED_GUIDANCE_START if str(model) == DEMO and guidance > 1 else 0.0
+            start = RECOMMENDED_GUIDANCE_START if demo and guidance > 1 else 0.0
         return replace(self, guidance=guidance, guidance_start=start)
 
 
 def check_scheduler(name: str) -> None:
     if name not in SCHEDULERS:
         raise DeltaConvError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-
-
-def default_guidance(model: str) -> float:
-    """Classifier-free guidance for ``model``: the demo teacher's recommended value, else SD's 7.5."""
-    from .demo import DEMO
-    from .demo.teacher import RECOMMENDED_GUIDANCE
-
-    return RECOMMENDED_GUIDANCE if str(model) == DEMO else 7.5
 
 
 def check_batch_size(batch_size: int) -> None:
