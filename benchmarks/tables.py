@@ -10,12 +10,14 @@ python benchmarks/tables.py end-to-end docs/end-to-end-demo.json
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from deltaconv_cli.demo.domain import FAILURES
 from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
+from deltaconv_cli.errors import DeltaConvError
+from deltaconv_cli.recipes.recipe_cli import run
 from deltaconv_cli.runtime import human_bytes, human_count
 
 MIXERS = ("attention", "deltaconv", "linfusion")
@@ -242,13 +244,35 @@ TABLES = {
 }
 
 
+def read_results(path: Path) -> object:
+    """The results JSON in ``path``; a missing or broken file is a user's mistake, told in one line."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        why = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise DeltaConvError(f"cannot read results from {path}: {why}") from None
+
+
 def main() -> None:
-    kind, paths = sys.argv[1], [Path(p) for p in sys.argv[2:]]
-    if kind == "teacher":  # several result files, one table: each file holds a list of results
-        print(teacher_table([r for p in paths for r in json.loads(p.read_text())]))
-    else:
-        print(TABLES[kind](json.loads(paths[0].read_text())))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("kind", choices=TABLES)
+    parser.add_argument("json", type=Path, nargs="+", help="results files (several for teacher)")
+    args = parser.parse_args()
+    if args.kind != "teacher" and len(args.json) > 1:
+        parser.error(f"{args.kind} takes one results file, got {len(args.json)}")
+    results = [read_results(path) for path in args.json]
+    try:
+        if args.kind == "teacher":  # several result files, one table: each file holds a list of results
+            print(teacher_table([r for file_results in results for r in file_results]))
+        else:
+            print(TABLES[args.kind](results[0]))
+    except (KeyError, TypeError, IndexError) as error:  # JSON that another command wrote
+        raise DeltaConvError(
+            f"{args.kind}: not results of that kind ({type(error).__name__}: {error})"
+        ) from None
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,8 +1,11 @@
-"""The repository explains itself: every document it cites is in it."""
+"""The repository explains itself: every document it cites is in it, and its benchmark tables come from a
+command that reads the results files."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +35,36 @@ def test_method_sections_cited_exist():
     for path, text in repository_texts():
         for section in re.findall(r"docs/method\.md (§[\d.]*\d)", text):
             assert section in sections, f"{path} cites {section}, which docs/method.md does not have"
+
+
+def _tables(*arguments: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "benchmarks" / "tables.py"), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_benchmark_tables_render_the_shipped_results():
+    done = _tables("teacher", str(ROOT / "docs" / "demo-teacher-quality.json"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("| guidance | adherence | adherence: single |")
+
+
+def test_benchmark_tables_end_a_missing_or_foreign_results_file_with_one_line(tmp_path: Path):
+    missing = tmp_path / "missing.json"
+    done = _tables("eval", str(missing))
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"tables.py: cannot read results from {missing}: No such file or directory\n"
+
+    (tmp_path / "broken.json").write_text('{"rows": [')
+    done = _tables("eval", str(tmp_path / "broken.json"))
+    assert done.returncode == 1 and done.stderr.startswith(f"tables.py: cannot read results from {tmp_path}")
+    assert done.stderr.count("\n") == 1
+
+    done = _tables("noised", str(ROOT / "docs" / "demo-teacher-quality.json"))
+    assert (done.returncode, done.stdout) == (1, "")
+    assert (
+        done.stderr.startswith("tables.py: noised: not results of that kind (")
+        and done.stderr.count("\n") == 1
+    )
+
+    done = _tables("eval", str(missing), str(missing))
+    assert done.returncode == 2 and "eval takes one results file, got 2" in done.stderr
