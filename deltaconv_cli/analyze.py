@@ -340,6 +340,7 @@ def analyze(
     width: int | None = None,
     steps: int = 20,
     guidance: float | None = None,
+    guidance_start: float | None = None,
     band_edges: Sequence[int] = (333, 666),
     layers: Sequence[str] | None = None,
     queries: int = 256,
@@ -350,10 +351,12 @@ def analyze(
     score_override: ScoreFunction | None = None,
 ) -> AnalysisReport:
     """Sample ``prompts`` (on the demo, by default two captions with placed objects) with the original
-    model while recording its self-attention locality; ``guidance`` defaults to the model's own."""
+    model while recording its self-attention locality; ``guidance`` and ``guidance_start`` default to the
+    model's own."""
     from .sampling import SampleSettings, generate, load_for_sampling, resolve_size
 
-    SampleSettings(steps, guidance, height, width).check()
+    given = SampleSettings(steps, guidance, height, width, guidance_start=guidance_start)
+    given.check()
     for name, value in (("queries", queries), ("chunk", chunk)):
         if value < 1:
             raise DeltaConvError(f"{name} must be at least 1, got {value}")
@@ -363,7 +366,8 @@ def analyze(
         raise DeltaConvError(f"timestep band edges must lie in 1..{timesteps - 1}, got {outside[0]}")
     prompts = list(prompts) or default_prompts(model)
     check_seeds(range(seed, seed + len(prompts)))
-    settings = SampleSettings(steps, guidance).for_model(model)
+    given.check_model(model, "analysis")
+    settings = given.for_model(model)
     loaded = load_for_sampling(model, None, device, dtype)
     if loaded.adapter is not None:
         loaded.adapter.unmount()  # analyse the original attention

@@ -451,6 +451,7 @@ def analyze(
     ] = 256,
     steps: Annotated[int, typer.Option()] = 20,
     guidance: Annotated[float | None, typer.Option(help="Default 7.5; demo: its recommended.")] = None,
+    guidance_start: GuidanceStartOption = None,
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Path, typer.Option("--out", "-o")] = Path("analysis"),
     device: DeviceOption = None,
@@ -472,7 +473,8 @@ def analyze(
     with err_console.status("sampling and recording attention", spinner="dots"):
         report = run_analysis(
             model, prompts, height=height, width=width, steps=steps,
-            guidance=guidance, band_edges=edges, layers=layers or None, queries=queries, seed=seed,
+            guidance=guidance, guidance_start=guidance_start, band_edges=edges, layers=layers or None,
+            queries=queries, seed=seed,
             device=device, dtype=dtype,
         )  # fmt: skip
     paths = write_outputs(report, out)

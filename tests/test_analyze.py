@@ -133,9 +133,11 @@ def test_through_the_processor_during_real_sampling(saved_pipelines, tmp_path):
 
 def test_real_attention_cli(saved_pipelines, tmp_path):
     args = ["analyze", str(saved_pipelines["sd1"]), "-p", "a cat", "--res", "32", "32", "--steps", "2"]
+    args += ["--guidance-start", "0.5"]
     result = runner.invoke(app, [*args, "--layers", "mid_block", "--out", str(tmp_path), "--json", "-"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    assert (report["guidance"], report["guidance_start"]) == (7.5, 0.5)
     assert {layer["stage"] for layer in report["layers"]} == {"mid_block"}
     total = sum(report["layers"][0]["cumulative"][-1:])
     assert total == pytest.approx(1.0)
@@ -150,6 +152,8 @@ def test_real_attention_cli(saved_pipelines, tmp_path):
     [
         (["--steps", "0"], "steps must be at least 1, got 0"),
         (["--guidance", "-1"], "guidance must be a finite number >= 0, got -1.0"),
+        (["--guidance-start", "1.5"], "guidance start must be in [0, 1], got 1.5"),
+        (["--guidance", "1", "--guidance-start", "0.2"], "a guidance start needs guidance above 1, got 1.0"),
         (["--queries", "0"], "queries must be at least 1, got 0"),
         (["--timesteps", "0,500"], "timestep band edges must lie in 1..999, got 0"),
         (["--timesteps", "333,1000"], "timestep band edges must lie in 1..999, got 1000"),

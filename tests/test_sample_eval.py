@@ -100,7 +100,11 @@ def test_sample_errors(converted, tmp_path):
 
 @pytest.mark.parametrize(
     ("command", "needs"),
-    [(["sample", "-p", "x"], "sampling"), (["distill", "--data", "demo", "--steps", "1"], "distill")],
+    [
+        (["sample", "-p", "x"], "sampling"),
+        (["distill", "--data", "demo", "--steps", "1"], "distill"),
+        (["analyze", "-p", "x"], "analysis"),
+    ],
 )
 def test_a_bare_denoiser_folder_is_refused_in_one_line_before_any_output(command, needs, tmp_path):
     tiny_denoiser("sd1").save_pretrained(tmp_path / "unet")
@@ -382,13 +386,21 @@ def test_guidance_start_reaches_the_pipeline_and_its_metadata(saved_pipelines, t
     assert not np.array_equal(np.asarray(image), np.asarray(Image.open(tmp_path / "all" / "p00000-s0.png")))
 
 
-@pytest.mark.parametrize("command", ["sample", "eval"])
-@pytest.mark.parametrize("option", ["--guidance-rescale", "--guidance-start"])
+GUIDANCE_OPTIONS = ("--guidance-rescale", "--guidance-start")
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        *((command, option) for command in ("sample", "eval") for option in GUIDANCE_OPTIONS),
+        ("analyze", "--guidance-start"),
+    ],
+)
 def test_guidance_options_on_a_pipeline_without_them_fail_before_loading(
     command, option, saved_pipelines, tmp_path, refuse_model_loading
 ):
     out = tmp_path / "out"
-    prompt = ["-p", "x"] if command == "sample" else ["--prompts", "demo:2"]
+    prompt = ["--prompts", "demo:2"] if command == "eval" else ["-p", "x"]
     args = [command, str(saved_pipelines["pixart"]), *prompt, option, "0.5", "--out", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 1
