@@ -24,8 +24,8 @@ measure() {
     echo "[$step] $(($(date +%s) - start)) s" | tee -a "$log"
 }
 
-# 1. The teacher: quality at three guidance values, guided from the first step, 30 steps, 400 captions;
-# where facts are lost.
+# 1. The teacher: quality at three guidance values, guided from the first step, 30 steps, 400 captions,
+# other schedulers; where facts are lost, and how many objects it draws.
 measure python recipes/evaluate_demo_teacher.py --guidance 2 3 1.5 --json docs/demo-teacher-quality.json \
     --grid docs/demo-samples.png
 measure python recipes/evaluate_demo_teacher.py --guidance-start 0 \
@@ -34,6 +34,11 @@ measure python recipes/evaluate_demo_teacher.py --steps 30 --json docs/demo-teac
 measure python recipes/evaluate_demo_teacher.py --count 400 --json docs/demo-teacher-quality-400-captions.json
 measure python recipes/adherence_from_noised_scenes.py --json docs/demo-teacher-from-noised-scenes.json
 measure python recipes/layout_at_t999.py --json docs/demo-teacher-layout-t999.json
+for scheduler in unipc euler heun; do
+    measure python recipes/evaluate_demo_teacher.py --scheduler "$scheduler" \
+        --json "docs/demo-teacher-quality-scheduler-$scheduler.json"
+done
+measure python recipes/count_histogram.py --json docs/count-histogram.json
 
 # 2. Distillation: the starts, README's main command, LinFusion on the same budget (its recipe, then ours).
 measure python benchmarks/init_fidelity.py --json docs/init-fidelity.json

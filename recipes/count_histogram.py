@@ -8,7 +8,8 @@ shape with each number word ("two", "three", "four" ... and "two ... mirrored"),
 each (seeds 0.. as the held-out evaluation uses them), and counts with the domain's checker how many
 objects of the named colour and shape each image holds and how many objects in all. It prints, for each
 number, how the drawn numbers spread (e.g. "three: 2 x 5 %, 3 x 55 %, 4 x 40 %"): whether the misses are
-one object too many, one too few, or scattered.
+one object too many, one too few, or scattered. For mirror captions it also says where the pairs of two
+land: mirrored (one row, outer columns), at the outer columns of two different rows, or elsewhere.
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ def captions_by_number() -> dict[str, list[str]]:
 def spread(numbers: list[int]) -> dict[str, float]:
     """The share of images with each drawn number, keyed by the number."""
     return {str(n): c / len(numbers) for n, c in sorted(Counter(numbers).items())}
+
+
+def pair_layout(found: list[domain.Detected]) -> str:
+    """Where a pair of objects lies: ``mirrored`` (one row, the outer columns), ``two rows`` (the outer
+    columns of different rows) or ``elsewhere``."""
+    rows = {d.cell // domain.GRID for d in found}
+    columns = sorted(d.cell % domain.GRID for d in found)
+    if columns != [0, domain.GRID - 1]:
+        return "elsewhere"
+    return "mirrored" if len(rows) == 1 else "two rows"
 
 
 def main() -> None:
@@ -73,15 +84,24 @@ def main() -> None:
         prompts = [c for c in captions for _ in range(args.seeds)]
         seeds = [s for _ in captions for s in range(args.seeds)]
         images = generate(pipe, prompts, seeds, (domain.SIZE, domain.SIZE), settings)
-        named, total = [], []
+        named, total, layouts = [], [], []
         for image, caption in zip(images, prompts, strict=True):
             wanted = domain.parse_caption(caption)[1][0]
             found = domain.detect_objects(image)
-            named.append(sum((d.color, d.shape) == (wanted.color, wanted.shape) for d in found))
+            matching = [d for d in found if (d.color, d.shape) == (wanted.color, wanted.shape)]
+            named.append(len(matching))
             total.append(len(found))
+            if len(matching) == 2:
+                layouts.append(pair_layout(matching))
         result[label] = {"images": len(images), "named_drawn": spread(named), "all_drawn": spread(total)}
         shares = ", ".join(f"{n} x {share:.0%}" for n, share in result[label]["named_drawn"].items())
         print(f"{label}: named colour and shape drawn {shares}", flush=True)
+        if label == "two mirrored":
+            # of all images, so that the shares add up to the share with two drawn
+            result[label]["pairs"] = {
+                k: layouts.count(k) / len(images) for k in ("mirrored", "two rows", "elsewhere")
+            }
+            print("  pairs of two: " + ", ".join(f"{k} {v:.0%}" for k, v in result[label]["pairs"].items()))
     write_json(args.json, result)
 
 

@@ -9,7 +9,9 @@ caption describes. For every colour and shape, this decodes that prediction for 
 smallest channel, above the background's) divides between the left, middle and right thirds of the
 image, next to the same division in real scenes of those captions. Real mirror scenes have nothing in the
 middle third and count scenes about a third; a denoiser that draws mirror captions like count captions
-(or the reverse) divides both alike.
+(or the reverse) divides both alike. A third column decodes the mean of the real scenes' latents through
+the same VAE: what the prediction would show if it were exactly the caption's mean scene, so that a lean
+of the decoder is told apart from one of the denoiser.
 """
 
 from __future__ import annotations
@@ -73,8 +75,16 @@ def layout(pipe: Any, draws: int, seed: int = 0) -> dict[str, dict[str, list[flo
         cond = encode_prompts(pipe, captions, domain.SIZE, domain.SIZE)
         x0 = clean_latents(predict(pipe.unet, noisy, steps, cond).float(), noisy, alpha, prediction_type)
         decoded = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
-        real = torch.cat([real_scenes(c, draws, rng) for c in captions])
-        result[name] = {"teacher": column_shares(decoded), "real": column_shares(real)}
+        reals = [real_scenes(c, draws, rng) for c in captions]
+        mean_latents = torch.cat(
+            [pipe.vae.encode(real).latent_dist.mode().mean(0, keepdim=True) for real in reals]
+        )
+        mean_decoded = pipe.vae.decode(mean_latents).sample.clamp(-1, 1)
+        result[name] = {
+            "teacher": column_shares(decoded),
+            "real": column_shares(torch.cat(reals)),
+            "real_mean_latent": column_shares(mean_decoded),
+        }
     return result
 
 
@@ -89,10 +99,10 @@ def main() -> None:
         parser.error("--draws must be at least 1")
     pipe = load_model(locate_pipeline(args.pipeline, "the layout probe"))
     result = layout(pipe, args.draws)
-    print(f"{'caption':<14} {'teacher: left / middle / right':<32} real")
+    print(f"{'caption':<14} {'teacher: left / middle / right':<32} {'real':<24} real, mean latent decoded")
     for name, shares in result.items():
-        teacher, real = (" / ".join(f"{x:.3f}" for x in shares[k]) for k in ("teacher", "real"))
-        print(f"{name:<14} {teacher:<32} {real}")
+        columns = (" / ".join(f"{x:.3f}" for x in shares[k]) for k in ("teacher", "real", "real_mean_latent"))
+        print(f"{name:<14} {next(columns):<32} {next(columns):<24} {next(columns)}")
     write_json(args.json, {"pipeline": args.pipeline, "columns": result})
 
 

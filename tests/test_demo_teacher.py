@@ -98,6 +98,40 @@ def test_unet_stage_keeps_the_text_encoder_frozen_and_resumes_exactly(tmp_path: 
     assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
 
 
+def test_kind_shares_set_the_share_of_each_caption_kind_in_the_unet_batches(tmp_path: Path):
+    captions = [domain.make_scene(0, i).caption for i in range(200)]
+    kinds = [domain.parse_caption(caption)[0] for caption in captions]
+    shares = (0.1, 0.2, 0.3, 0.4)
+    weights = teacher._scene_weights(captions, shares)
+    for kind, share in zip(domain.KINDS, shares, strict=True):
+        of_kind = torch.tensor([k == kind for k in kinds])
+        assert float(weights[of_kind].sum()) == pytest.approx(share, abs=1e-12)
+
+    # Mirror scenes alone: every caption the UNet stage encodes is a mirror caption.
+    recipe = TeacherRecipe(steps=3, batch=4, warmup=1, caption_dropout=0.0, kind_shares=(0, 0, 0, 1))
+    parts = build_components(recipe, tmp_path)
+    encoded = []
+    encode = parts["text_encoder"].forward
+
+    def recording_encoder(ids: torch.Tensor, *args: object, **kwargs: object):
+        encoded.extend(parts["tokenizer"].batch_decode(ids, skip_special_tokens=True))
+        return encode(ids, *args, **kwargs)
+
+    parts["text_encoder"].forward = recording_encoder
+    latents = torch.randn(len(captions), 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    _train(parts, latents, captions, recipe, tmp_path / "checkpoint")
+    assert len(encoded) == 12 and all(caption.endswith(" mirrored") for caption in encoded), encoded
+
+
+def test_kind_shares_that_leave_out_every_kind_of_the_training_scenes_are_refused():
+    singles = [domain.make_scene(0, i, "single").caption for i in range(5)]
+    with pytest.raises(DeltaConvError) as refused:
+        teacher._scene_weights(singles, (0, 0.5, 0.5, 0))
+    assert str(refused.value) == (
+        "kind_shares [0, 0.5, 0.5, 0] gives a share of 0 to every kind the training scenes have"
+    )
+
+
 def test_a_work_folder_of_another_recipe_is_refused_before_any_stage_runs(tmp_path: Path):
     work = tmp_path / "work"
     work.mkdir()
@@ -154,6 +188,9 @@ def test_the_shipped_recipe_has_attention_everywhere_but_at_32_by_32(tmp_path: P
     ).sample.shape == (1, 4, 32, 32)
 
 
+KIND_SHARES_MESSAGE = "kind_shares takes 4 shares >= 0 summing to 1 (single, pair, count, mirror)"
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
@@ -172,6 +209,10 @@ def test_the_shipped_recipe_has_attention_everywhere_but_at_32_by_32(tmp_path: P
         ({"seed": -1}, "seed must be >= 0, got -1"),
         ({"high_noise_from": 1000}, "high_noise_from must be a timestep in [0, 999], got 1000"),
         ({"text_width": 95}, "text_width must be a multiple of the text encoder's 2 heads"),
+        *(
+            ({"kind_shares": shares}, f"{KIND_SHARES_MESSAGE}, got {list(shares)}")
+            for shares in [(0.5, 0.5), (0.5, 0.5, 0.5, -0.5), (0.2, 0.2, 0.2, 0.2), (1, 0, 0, "mirror")]
+        ),
     ],
 )
 def test_a_setting_the_recipe_cannot_train_with_is_refused_with_one_line(settings: dict, message: str):

@@ -94,6 +94,9 @@ class TeacherRecipe:
     snr_cap: float = 5.0
     high_noise_share: float = 0.5  # of every batch, drawn from t >= high_noise_from instead of all timesteps
     high_noise_from: int = 900
+    # Of every UNet batch, the share of each caption kind (domain.KINDS order); empty draws the training
+    # scenes uniformly, so each kind at its share of the data set.
+    kind_shares: tuple[float, ...] = ()
     extractor_steps: int = 1200
     checkpoint_every: int = 300
     unet_channels: tuple[int, int, int] = (48, 96, 96)
@@ -124,6 +127,15 @@ class TeacherRecipe:
         if not 0 <= self.high_noise_from <= last_timestep:
             raise DeltaConvError(
                 f"high_noise_from must be a timestep in [0, {last_timestep}], got {self.high_noise_from}"
+            )
+        if self.kind_shares and (
+            len(self.kind_shares) != len(domain.KINDS)
+            or any(type(share) not in (int, float) or not share >= 0 for share in self.kind_shares)
+            or not math.isclose(sum(self.kind_shares), 1.0, abs_tol=1e-6)
+        ):
+            raise DeltaConvError(
+                f"kind_shares takes {len(domain.KINDS)} shares >= 0 summing to 1 "
+                f"({', '.join(domain.KINDS)}), got {list(self.kind_shares)}"
             )
         if self.text_width % TEXT_HEADS:
             raise DeltaConvError(f"text_width must be a multiple of the text encoder's {TEXT_HEADS} heads")
@@ -430,12 +442,16 @@ def train_denoiser(
     params = list(unet.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
     ema = EMAModel(params, decay=recipe.ema_decay, use_ema_warmup=True, power=0.75)
+    scene_weights = _scene_weights(captions, recipe.kind_shares) if recipe.kind_shares else None
     start = _load_denoiser_checkpoint(checkpoint, params, ema, optimizer) if checkpoint.exists() else 0
     task = progress.add_task("UNet", total=recipe.steps, completed=start, status="")
     unet.train()
     for step in range(start, recipe.steps):
         gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
-        index = torch.randint(len(latents), (recipe.batch,), generator=gen)
+        if scene_weights is None:
+            index = torch.randint(len(latents), (recipe.batch,), generator=gen)
+        else:
+            index = torch.multinomial(scene_weights, recipe.batch, replacement=True, generator=gen)
         x0 = latents[index]
         tokens = ids[index].clone()
         tokens[torch.rand(recipe.batch, generator=gen) < recipe.caption_dropout] = empty
@@ -465,6 +481,19 @@ def train_denoiser(
             _save_denoiser_checkpoint(checkpoint, step + 1, params, ema, optimizer)
     ema.copy_to(params)
     unet.eval()
+
+
+def _scene_weights(captions: list[str], kind_shares: tuple[float, ...]) -> torch.Tensor:
+    """Each training scene's chance of being drawn, so that every batch holds each kind at its share."""
+    kinds = [domain.parse_caption(caption)[0] for caption in captions]
+    scenes_of = {kind: kinds.count(kind) for kind in domain.KINDS}
+    shares = dict(zip(domain.KINDS, kind_shares, strict=True))
+    weights = torch.tensor([shares[kind] / scenes_of[kind] for kind in kinds], dtype=torch.float64)
+    if not weights.sum() > 0:
+        raise DeltaConvError(
+            f"kind_shares {list(kind_shares)} gives a share of 0 to every kind the training scenes have"
+        )
+    return weights
 
 
 def _save_denoiser_checkpoint(folder: Path, step: int, params: list, ema: EMAModel, optimizer: Any) -> None:
