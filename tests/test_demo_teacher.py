@@ -123,13 +123,12 @@ def test_kind_shares_set_the_share_of_each_caption_kind_in_the_unet_batches(tmp_
     assert len(encoded) == 12 and all(caption.endswith(" mirrored") for caption in encoded), encoded
 
 
-def test_kind_shares_that_leave_out_every_kind_of_the_training_scenes_are_refused():
-    singles = [domain.make_scene(0, i, "single").caption for i in range(5)]
+def test_kind_shares_for_a_kind_the_training_scenes_lack_are_refused():
+    singles_and_pairs = [domain.make_scene(0, i, ("single", "pair")[i % 2]).caption for i in range(6)]
     with pytest.raises(DeltaConvError) as refused:
-        teacher._scene_weights(singles, (0, 0.5, 0.5, 0))
-    assert str(refused.value) == (
-        "kind_shares [0, 0.5, 0.5, 0] gives a share of 0 to every kind the training scenes have"
-    )
+        teacher._scene_weights(singles_and_pairs, (0.5, 0.25, 0.25, 0))
+    assert str(refused.value) == "kind_shares gives count scenes 0.25 of every batch, but none were rendered"
+    assert float(teacher._scene_weights(singles_and_pairs, (0.5, 0.5, 0, 0)).sum()) == pytest.approx(1.0)
 
 
 def test_a_work_folder_of_another_recipe_is_refused_before_any_stage_runs(tmp_path: Path):

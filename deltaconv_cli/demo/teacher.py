@@ -488,12 +488,12 @@ def _scene_weights(captions: list[str], kind_shares: tuple[float, ...]) -> torch
     kinds = [domain.parse_caption(caption)[0] for caption in captions]
     scenes_of = {kind: kinds.count(kind) for kind in domain.KINDS}
     shares = dict(zip(domain.KINDS, kind_shares, strict=True))
-    weights = torch.tensor([shares[kind] / scenes_of[kind] for kind in kinds], dtype=torch.float64)
-    if not weights.sum() > 0:
-        raise DeltaConvError(
-            f"kind_shares {list(kind_shares)} gives a share of 0 to every kind the training scenes have"
-        )
-    return weights
+    for kind, share in shares.items():
+        if share > 0 and not scenes_of[kind]:  # the other kinds would silently take its share
+            raise DeltaConvError(
+                f"kind_shares gives {kind} scenes {share} of every batch, but none were rendered"
+            )
+    return torch.tensor([shares[kind] / scenes_of[kind] for kind in kinds], dtype=torch.float64)
 
 
 def _save_denoiser_checkpoint(folder: Path, step: int, params: list, ema: EMAModel, optimizer: Any) -> None:
