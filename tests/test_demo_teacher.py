@@ -131,6 +131,18 @@ def test_kind_shares_for_a_kind_the_training_scenes_lack_are_refused():
     assert float(teacher._scene_weights(singles_and_pairs, (0.5, 0.5, 0, 0)).sum()) == pytest.approx(1.0)
 
 
+def test_kind_shares_the_rendered_scenes_cannot_fill_are_refused_before_the_vae_trains(tmp_path: Path):
+    rendered = domain.make_scene(TeacherRecipe.seed, 0).kind
+    other = next(kind for kind in domain.KINDS if kind != rendered)
+    shares = tuple(float(kind == other) for kind in domain.KINDS)
+    work = tmp_path / "work"
+    with pytest.raises(DeltaConvError) as refused:
+        teacher.train_teacher(tmp_path / "out", TeacherRecipe(train_scenes=1, kind_shares=shares), work=work)
+    message = f"kind_shares gives {other} scenes 1.0 of every batch, but none were rendered"
+    assert str(refused.value) == message
+    assert not (work / "vae").exists() and not (tmp_path / "out").exists()
+
+
 def test_a_work_folder_of_another_recipe_is_refused_before_any_stage_runs(tmp_path: Path):
     work = tmp_path / "work"
     work.mkdir()

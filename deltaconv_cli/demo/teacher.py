@@ -562,6 +562,8 @@ def train_teacher(out: Path, recipe: TeacherRecipe | None = None, work: Path | N
             (work / "data.tmp.npz").rename(data_file)
         data = np.load(data_file)
         images, captions = data["images"], [str(c) for c in data["captions"]]
+        if recipe.kind_shares:  # a share the rendered scenes cannot fill is refused before the VAE trains
+            _scene_weights(captions, recipe.kind_shares)
 
         if (work / "vae").exists():
             parts["vae"] = AutoencoderKL.from_pretrained(work / "vae")
