@@ -39,16 +39,6 @@ def spread(numbers: list[int]) -> dict[str, float]:
     return {str(n): c / len(numbers) for n, c in sorted(Counter(numbers).items())}
 
 
-def pair_layout(found: list[domain.Detected]) -> str:
-    """Where a pair of objects lies: ``mirrored`` (one row, the outer columns), ``two rows`` (the outer
-    columns of different rows) or ``elsewhere``."""
-    rows = {d.cell // domain.GRID for d in found}
-    columns = sorted(d.cell % domain.GRID for d in found)
-    if columns != [0, domain.GRID - 1]:
-        return "elsewhere"
-    return "mirrored" if len(rows) == 1 else "two rows"
-
-
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -92,7 +82,7 @@ def main() -> None:
             named.append(len(matching))
             total.append(len(found))
             if len(matching) == 2:
-                layouts.append(pair_layout(matching))
+                layouts.append(domain.pair_layout(matching))
         result[label] = {"images": len(images), "named_drawn": spread(named), "all_drawn": spread(total)}
         shares = ", ".join(f"{n} x {share:.0%}" for n, share in result[label]["named_drawn"].items())
         print(f"{label}: named colour and shape drawn {shares}", flush=True)

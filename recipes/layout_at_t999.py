@@ -101,8 +101,10 @@ def main() -> None:
     result = layout(pipe, args.draws)
     print(f"{'caption':<14} {'teacher: left / middle / right':<32} {'real':<24} real, mean latent decoded")
     for name, shares in result.items():
-        columns = (" / ".join(f"{x:.3f}" for x in shares[k]) for k in ("teacher", "real", "real_mean_latent"))
-        print(f"{name:<14} {next(columns):<32} {next(columns):<24} {next(columns)}")
+        teacher, real, mean = (
+            " / ".join(f"{x:.3f}" for x in shares[k]) for k in ("teacher", "real", "real_mean_latent")
+        )
+        print(f"{name:<14} {teacher:<32} {real:<24} {mean}")
     write_json(args.json, {"pipeline": args.pipeline, "columns": result})
 
 

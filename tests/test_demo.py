@@ -353,9 +353,9 @@ def test_count_histogram_spreads_the_drawn_numbers_of_each_caption_number(tmp_pa
     [((3, 5), "mirrored"), ((6, 8), "mirrored"), ((0, 8), "two rows"), ((5, 6), "two rows"),
      ((3, 4), "elsewhere"), ((0, 6), "elsewhere")],
 )  # fmt: skip
-def test_count_histogram_tells_a_mirrored_pair_from_one_across_two_rows(cells, layout):
+def test_pair_layout_tells_a_mirrored_pair_from_one_across_two_rows(cells, layout):
     found = [domain.Detected("red", "circle", cell, domain.cell_center(cell), 100) for cell in cells]
-    assert _recipe("count_histogram").pair_layout(found) == layout
+    assert domain.pair_layout(found) == layout
 
 
 def test_guidance_below_a_timestep_is_the_share_of_steps_at_or_above_it():

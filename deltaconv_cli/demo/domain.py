@@ -255,6 +255,15 @@ def _missing_object_reason(wanted: SceneObject, found: list[Detected]) -> str:
     return "not drawn"
 
 
+def pair_layout(pair: list[Detected]) -> str:
+    """Where a pair of objects lies: ``mirrored`` (one row, the outer columns), ``two rows`` (the outer
+    columns of different rows) or ``elsewhere``."""
+    columns = sorted(d.cell % GRID for d in pair)
+    if columns != [0, GRID - 1]:
+        return "elsewhere"
+    return "mirrored" if len({d.cell // GRID for d in pair}) == 1 else "two rows"
+
+
 def facts(image: np.ndarray, caption: str) -> list[tuple[bool, str]]:
     """Each fact of ``caption`` checked on ``image``: whether it holds, and why it fails if it does not.
 
@@ -272,9 +281,8 @@ def facts(image: np.ndarray, caption: str) -> list[tuple[bool, str]]:
         matching = [d for d in found if (d.color, d.shape) == (wanted[0].color, wanted[0].shape)]
         result.append((len(matching) == len(wanted), "wrong number"))
         if kind == "mirror":
-            rows = {d.cell // GRID for d in matching}
-            cols = sorted(d.cell % GRID for d in matching)
-            result.append((len(matching) == 2 and len(rows) == 1 and cols == [0, GRID - 1], "not mirrored"))
+            mirrored = len(matching) == 2 and pair_layout(matching) == "mirrored"
+            result.append((mirrored, "not mirrored"))
     total = "extra objects" if len(found) > len(wanted) else "missing objects"
     result.append((len(found) == len(wanted), total))
     return [(holds, "" if holds else reason) for holds, reason in result]
