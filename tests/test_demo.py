@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -41,6 +42,7 @@ from deltaconv_cli.demo.teacher import (
     RECOMMENDED_GUIDANCE,
     RECOMMENDED_GUIDANCE_START,
     RECOMMENDED_STEPS,
+    TeacherRecipe,
     vocabulary,
 )
 from deltaconv_cli.demo.text import build_clip_tokenizer
@@ -255,6 +257,20 @@ def test_shipped_teacher_samples_from_pure_noise_and_predicts_v():
     assert DDPMScheduler.from_config(scheduler.config).alphas_cumprod[-1] == 0
     scheduler.set_timesteps(RECOMMENDED_STEPS)
     assert int(scheduler.timesteps[0]) == 999
+
+
+def test_candidate_teacher_unet_drops_into_the_shipped_pipeline():
+    # candidates/demo-teacher-v15/README.md ships it by copying its UNet over the shipped one: the UNet
+    # must be the shipped one's architecture, and its recipe v3's with kind_shares alone changed.
+    candidate = Path(__file__).resolve().parents[1] / "candidates" / "demo-teacher-v15"
+    unet = UNet2DConditionModel.from_pretrained(candidate / "unet")
+    shipped = UNet2DConditionModel.from_pretrained(demo_path() / "unet")
+    saved_config = (candidate / "unet" / "config.json").read_text()
+    assert json.loads(saved_config) == json.loads((demo_path() / "unet" / "config.json").read_text())
+    assert unet.state_dict().keys() == shipped.state_dict().keys()
+    assert not torch.equal(unet.conv_out.weight, shipped.conv_out.weight)
+    recipe = TeacherRecipe.read(candidate / "recipe.json")
+    assert recipe == dataclasses.replace(TeacherRecipe(), kind_shares=(0.2, 0.3, 0.25, 0.25))
 
 
 @pytest.mark.slow
