@@ -62,6 +62,15 @@ measure deltaconv eval demo --adapter runs/demo-converted/deltaconv --linfusion-
     --prompts demo:16 --trajectory-prompts 0 --timing-rounds 7 --out runs/eval-timing \
     --json docs/eval-demo-timing.json
 
+# The report images and grids the sections cite, unless a restart from FIRST skipped the runs above.
+if ((first <= step)); then
+    cp runs/demo/report.png docs/distill-demo-report.png
+    cp runs/demo/loss.png docs/distill-demo-300-loss.png
+    cp runs/demo-linfusion-300-pure/report.png docs/distill-demo-linfusion-300-pure-distillation-report.png
+    cp runs/eval-demo-300/grid.png docs/eval-demo-300-grid.png
+    cp runs/eval-demo-300-pure/grid.png docs/eval-demo-300-linfusion-pure-distillation-grid.png
+fi
+
 # 5. Attention locality. 7. High resolution end to end (the architecture, not the weights, sets these times).
 measure deltaconv analyze demo --prompts demo:8 --queries 1024 --out docs/analysis-demo
 measure deltaconv profile demo --end-to-end --res 64 128 256 512 1024 --steps 2 --repeats 3 --time-budget 600 \

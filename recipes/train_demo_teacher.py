@@ -1,9 +1,9 @@
-"""Train the embedded demo teacher and its feature extractor (60 to 80 minutes on a 2-core CPU).
+"""Train the embedded demo teacher and its feature extractor (60 to 90 minutes on a 2-core CPU).
 
     python recipes/train_demo_teacher.py [--out deltaconv_cli/assets/demo] [--work DIR] [--seed 1]
         [--set KEY=VALUE ...]
 
-The defaults are the shipped teacher's (v3). --set changes any setting of TeacherRecipe
+The defaults are the shipped teacher's (v4). --set changes any setting of TeacherRecipe
 (deltaconv_cli/demo/teacher.py); teacher v2, recipe 6 of BENCHMARKS.md, is --seed 0 --steps 2100
 --set vae_steps=800 --set mirror_class=false --set full_resolution_attention=true.
 
