@@ -17,6 +17,7 @@ from deltaconv_cli.demo import domain, teacher
 from deltaconv_cli.demo.teacher import (
     MIRRORED,
     NO_CELL,
+    SETTINGS_BEFORE_RECORDED,
     TEXT_LENGTH,
     TeacherRecipe,
     build_components,
@@ -154,22 +155,26 @@ def test_a_work_folder_of_another_recipe_is_refused_before_any_stage_runs(tmp_pa
     assert sorted(p.name for p in work.iterdir()) == ["recipe.json"] and not (tmp_path / "out").exists()
 
 
-def test_a_work_folder_written_before_a_setting_existed_counts_it_at_its_default(tmp_path: Path, monkeypatch):
+def test_a_work_folder_from_before_a_setting_existed_counts_what_ran_before_it(tmp_path: Path, monkeypatch):
+    # A folder recorded before kind_shares existed drew the UNet's scenes uniformly (v3's did), one before
+    # full_resolution_attention had attention at 32 x 32: today's defaults would mix two recipes in it.
     work = tmp_path / "work"
     work.mkdir()
     earlier = asdict(TeacherRecipe(mirror_class=True))
-    del earlier["attention_heads"]
+    for setting in SETTINGS_BEFORE_RECORDED:
+        del earlier[setting]
     (work / "recipe.json").write_text(json.dumps(earlier))
-    other_heads = TeacherRecipe(mirror_class=True, attention_heads=(1, 4, 4))
-    with pytest.raises(DeltaConvError, match=r"\(attention_heads differ\)"):
-        teacher.train_teacher(tmp_path / "out", other_heads, work=work)
+    with pytest.raises(DeltaConvError, match=r"\(kind_shares, full_resolution_attention differ\)"):
+        teacher.train_teacher(tmp_path / "out", TeacherRecipe(mirror_class=True), work=work)
 
     def stop(*_: object) -> None:
         raise RuntimeError("past the recipe check")
 
     monkeypatch.setattr(teacher, "build_components", stop)
+    what_ran = TeacherRecipe(mirror_class=True, full_resolution_attention=True, kind_shares=())
+    assert TeacherRecipe.read(work / "recipe.json") == what_ran
     with pytest.raises(RuntimeError, match="past the recipe check"):
-        teacher.train_teacher(tmp_path / "out", TeacherRecipe(mirror_class=True), work=work)
+        teacher.train_teacher(tmp_path / "out", what_ran, work=work)
 
 
 def test_attention_heads_set_the_heads_of_each_level(tmp_path: Path):

@@ -71,6 +71,15 @@ def vocabulary() -> list[str]:
     return words
 
 
+# Settings that recipe.json did not record at first, each with the value every run had before it existed:
+# what a work folder lacking it ran, whatever the default is now. A new setting adds itself here.
+SETTINGS_BEFORE_RECORDED: dict[str, Any] = {
+    "attention_heads": (1, 1, 1),
+    "full_resolution_attention": True,
+    "kind_shares": (),
+}
+
+
 @dataclass
 class TeacherRecipe:
     """Every setting of the teacher's training; the defaults are the shipped teacher's."""
@@ -175,7 +184,8 @@ class TeacherRecipe:
         if unknown:
             raise DeltaConvError(f"{path} records settings this recipe does not have: {', '.join(unknown)}")
         try:
-            return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in settings.items()})
+            recorded = {key: tuple(v) if isinstance(v, list) else v for key, v in settings.items()}
+            return cls(**(SETTINGS_BEFORE_RECORDED | recorded))
         except TypeError as error:  # a value of another type than its setting's, e.g. "steps": "many"
             raise broken(error) from None
 
@@ -542,8 +552,7 @@ def train_teacher(out: Path, recipe: TeacherRecipe | None = None, work: Path | N
     work = Path(work) if work else out.parent / f".{out.name}-work"
     recorded = work / "recipe.json"
     if recorded.exists():
-        # A setting added after the folder was written is missing there; read fills in its default, which
-        # is what ran.
+        # A setting added after the folder was written is missing there; read fills in what ran before it.
         earlier = TeacherRecipe.read(recorded)
         changed = [f.name for f in fields(recipe) if getattr(earlier, f.name) != getattr(recipe, f.name)]
         if changed:
