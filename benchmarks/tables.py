@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from deltaconv_cli.demo.domain import FAILURES
+from deltaconv_cli.demo.quality import HELD_OUT_SEED
 from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
 from deltaconv_cli.errors import DeltaConvError
 from deltaconv_cli.recipes.recipe_cli import run
@@ -139,6 +140,8 @@ def _sampler(result: dict) -> str:
         label.append(f"{result['captions']} captions")
     if result.get("first_seed"):
         label.append(f"seeds from {result['first_seed']}")
+    if result.get("caption_seed", HELD_OUT_SEED) != HELD_OUT_SEED:
+        label.append(f"captions of seed {result['caption_seed']}")
     return ", ".join(label)
 
 

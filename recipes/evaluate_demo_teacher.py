@@ -1,7 +1,8 @@
 """Measure the embedded demo teacher: prompt adherence on held-out captions and Fréchet distances.
 
     python recipes/evaluate_demo_teacher.py [--pipeline PATH] [--count 200] [--guidance G ...] [--steps 20]
-        [--first-seed 0] [--scheduler NAME] [--guidance-rescale 0] [--guidance-start 0.2]
+        [--first-seed 0] [--caption-seed SEED] [--scheduler NAME] [--guidance-rescale 0]
+        [--guidance-start 0.2]
 
 Prints and writes JSON (--json) with adherence per scene kind, three Fréchet distances in the domain
 extractor's feature space: samples vs real images, real vs real (the floor at this sample size) and
@@ -10,7 +11,9 @@ on the captions' position words (quality.position_reliance). Each result also sa
 facts fail and why (quality.failed_facts), and how well the VAE's reconstructions of the real scenes
 behind those captions adhere (quality.reconstruction_adherence: the ceiling its samples decode to).
 --grid writes a sample grid. --first-seed N samples caption i from the noise of seed N + i instead of i:
-the same captions from other noise, to see how far the sampling seeds alone move a score. --scheduler
+the same captions from other noise, to see how far the sampling seeds alone move a score. --caption-seed
+draws other held-out captions (from a data set seed no training stream uses), to choose a setting on
+captions other than the documented ones before measuring it on those. --scheduler
 samples with another of `deltaconv sample`'s schedulers instead of the pipeline's own (the documented
 sampler); the result names the one used. --guidance-start S samples the first share S of the steps with
 the conditional prediction alone (`deltaconv sample --guidance-start`; by default the demo's recommended
@@ -52,6 +55,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=RECOMMENDED_STEPS)
     parser.add_argument("--guidance", type=float, nargs="+", default=[RECOMMENDED_GUIDANCE])
     parser.add_argument("--first-seed", type=int, default=0, help="caption i is sampled with seed N + i")
+    parser.add_argument(
+        "--caption-seed", type=int, default=HELD_OUT_SEED,
+        help=f"draw the held-out captions from this data set seed (default: the documented {HELD_OUT_SEED})",
+    )  # fmt: skip
     parser.add_argument("--scheduler", default=None, help="default: the pipeline's own")
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="diffusers' guidance_rescale")
     parser.add_argument(
@@ -64,6 +71,11 @@ def main() -> None:
     if args.count < 1 or args.first_seed < 0:
         parser.error(
             f"--count must be at least 1 and --first-seed >= 0, got {args.count} and {args.first_seed}"
+        )
+    if args.caption_seed < HELD_OUT_SEED:
+        raise DeltaConvError(
+            f"--caption-seed must be >= {HELD_OUT_SEED} (the seeds below train the teacher), "
+            f"got {args.caption_seed}"
         )
     samplers = [
         SampleSettings(args.steps, guidance, scheduler=args.scheduler, guidance_rescale=args.guidance_rescale,
@@ -80,10 +92,11 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     scheduler = set_scheduler(pipe, args.scheduler)
     extractor = DomainFeatureExtractor.from_pretrained(extractor_folder).eval()
-    reliance, reconstruction = position_reliance(pipe), reconstruction_adherence(pipe, args.count)
+    reliance = position_reliance(pipe)
+    reconstruction = reconstruction_adherence(pipe, args.count, args.caption_seed)
     results = []
     for settings in samplers:
-        quality = generator_quality(pipe, extractor, settings, args.count, args.first_seed)
+        quality = generator_quality(pipe, extractor, settings, args.count, args.first_seed, args.caption_seed)
         quality["scheduler"] = scheduler
         quality["position_reliance"] = reliance
         quality["vae_reconstruction"] = reconstruction
@@ -93,7 +106,7 @@ def main() -> None:
         if args.grid is not None and settings is samplers[0]:
             # Each held-out caption beside the real scene it was drawn from (16, or all with fewer).
             shown = min(GRID_CAPTIONS, args.count)
-            reals = real_images(HELD_OUT_SEED, shown)
+            reals = real_images(args.caption_seed, shown)
             rows = [[real, sample] for real, sample in zip(reals, samples[:shown], strict=True)]
             save_grid(rows, args.grid, ["real scene", "teacher sample"], captions[:shown], scale=2)
     write_json(args.json, results)

@@ -207,6 +207,18 @@ def test_generator_quality_samples_caption_i_from_seed_first_seed_plus_i():
     assert not np.array_equal(quality["samples"], generate(pipe, captions, [0, 1, 2], (64, 64), settings))
 
 
+def test_generator_quality_draws_other_held_out_captions_from_another_caption_seed():
+    pipe = load_model(locate_model("demo"))
+    pipe.set_progress_bar_config(disable=True)
+    extractor = DomainFeatureExtractor.from_pretrained(demo_path("extractor"))
+    settings = SampleSettings(steps=1, guidance=2.0)
+    other_seed = HELD_OUT_SEED + 1
+    quality = generator_quality(pipe, extractor, settings, count=4, caption_seed=other_seed)
+    captions, _ = held_out_captions(4, other_seed)
+    assert quality["caption_seed"] == other_seed and quality["sample_captions"] == captions
+    assert captions != held_out_captions(4)[0]
+
+
 def test_shipped_vae_reconstructions_keep_nearly_every_fact():
     pipe = load_model(locate_model("demo"))
     result = reconstruction_adherence(pipe, count=64)

@@ -309,6 +309,12 @@ def test_evaluate_demo_teacher_grids_every_caption_when_given_fewer_than_sixteen
         ),
         (
             "evaluate_demo_teacher.py",
+            ["--caption-seed", "1"],
+            "evaluate_demo_teacher.py: --caption-seed must be >= 10000019 "
+            "(the seeds below train the teacher), got 1",
+        ),
+        (
+            "evaluate_demo_teacher.py",
             ["--guidance-rescale", "2"],
             "evaluate_demo_teacher.py: guidance rescale must be in [0, 1], got 2.0",
         ),

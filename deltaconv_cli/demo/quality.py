@@ -171,6 +171,7 @@ def generator_quality(
     settings: SampleSettings,
     count: int = 200,
     first_seed: int = 0,
+    caption_seed: int = HELD_OUT_SEED,
 ) -> dict[str, Any]:
     """Adherence on ``count`` held-out captions and Fréchet distances of the samples to real images,
     next to two reference distances: real vs real (the floor at this sample size) and between two
@@ -179,15 +180,18 @@ def generator_quality(
 
     Caption ``i`` is sampled from the initial noise of seed ``first_seed + i``: another ``first_seed``
     draws the same captions from other noise, which measures how far the sampling seeds alone move a score.
+    Another ``caption_seed`` draws other held-out captions, on which to choose settings without tuning
+    them to the documented ones.
     """
     from ..sampling import generate
 
-    captions, kinds = held_out_captions(count)
+    captions, kinds = held_out_captions(count, caption_seed)
     seeds = list(range(first_seed, first_seed + count))
     samples = generate(pipe, captions, seeds, (domain.SIZE, domain.SIZE), settings)
     reference = real_images(REFERENCE_SEED, count)
     return {
         "captions": count,
+        "caption_seed": caption_seed,
         "first_seed": first_seed,
         "steps": settings.steps,
         "guidance": settings.guidance,
