@@ -72,7 +72,7 @@ def vocabulary() -> list[str]:
 
 
 # Settings that recipe.json did not record at first, each with the value every run had before it existed:
-# what a work folder lacking it ran, whatever the default is now. A new setting adds itself here.
+# what a work folder lacking it ran, whatever the default is now. A setting added later belongs here too.
 SETTINGS_BEFORE_RECORDED: dict[str, Any] = {
     "attention_heads": (1, 1, 1),
     "full_resolution_attention": True,
