@@ -12,7 +12,8 @@ facts fail and why (quality.failed_facts), and how well the VAE's reconstruction
 behind those captions adhere (quality.reconstruction_adherence: the ceiling its samples decode to).
 --grid writes a sample grid. --first-seed N samples caption i from the noise of seed N + i instead of i:
 the same captions from other noise, to see how far the sampling seeds alone move a score. --caption-seed
-draws other held-out captions (from a data set seed no training stream uses), to choose a setting on
+draws other held-out captions (from a data set seed that neither trains the teacher nor gives the
+Fréchet distances' real images), to choose a setting on
 captions other than the documented ones before measuring it on those. --scheduler
 samples with another of `deltaconv sample`'s schedulers instead of the pipeline's own (the documented
 sampler); the result names the one used. --guidance-start S samples the first share S of the steps with
@@ -31,6 +32,7 @@ from deltaconv_cli.demo import DEMO
 from deltaconv_cli.demo.extractor import DomainFeatureExtractor
 from deltaconv_cli.demo.quality import (
     HELD_OUT_SEED,
+    check_caption_seed,
     generator_quality,
     position_reliance,
     real_images,
@@ -72,11 +74,7 @@ def main() -> None:
         parser.error(
             f"--count must be at least 1 and --first-seed >= 0, got {args.count} and {args.first_seed}"
         )
-    if args.caption_seed < HELD_OUT_SEED:
-        raise DeltaConvError(
-            f"--caption-seed must be >= {HELD_OUT_SEED} (the seeds below train the teacher), "
-            f"got {args.caption_seed}"
-        )
+    check_caption_seed(args.caption_seed)
     samplers = [
         SampleSettings(args.steps, guidance, scheduler=args.scheduler, guidance_rescale=args.guidance_rescale,
                        guidance_start=args.guidance_start)

@@ -24,6 +24,7 @@ from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.extractor import DomainFeatureExtractor
 from deltaconv_cli.demo.quality import (
     HELD_OUT_SEED,
+    REFERENCE_SEED,
     adherence_by_kind,
     clean_latents,
     failed_facts,
@@ -44,6 +45,7 @@ from deltaconv_cli.demo.teacher import (
     vocabulary,
 )
 from deltaconv_cli.demo.text import build_clip_tokenizer
+from deltaconv_cli.errors import DeltaConvError
 from deltaconv_cli.loading import demo_path, load_model, locate_model
 from deltaconv_cli.sampling import SampleSettings, generate
 from deltaconv_cli.surgery import trace_token_grids
@@ -217,6 +219,23 @@ def test_generator_quality_draws_other_held_out_captions_from_another_caption_se
     captions, _ = held_out_captions(4, other_seed)
     assert quality["caption_seed"] == other_seed and quality["sample_captions"] == captions
     assert captions != held_out_captions(4)[0]
+
+
+@pytest.mark.parametrize(
+    ("seed", "message"),
+    [
+        (1, "caption seed must be >= 10000019 (the seeds below train the teacher), got 1"),
+        (
+            REFERENCE_SEED + 3,
+            "caption seed 20000006 draws the real images Fréchet distances compare with "
+            "(20000003 to 20000006); choose another",
+        ),
+    ],
+)
+def test_generator_quality_refuses_captions_that_train_the_teacher_or_are_the_fd_reference(seed, message):
+    with pytest.raises(DeltaConvError) as refused:
+        generator_quality(None, None, SampleSettings(steps=1), count=4, caption_seed=seed)
+    assert str(refused.value) == message
 
 
 def test_shipped_vae_reconstructions_keep_nearly_every_fact():

@@ -310,8 +310,14 @@ def test_evaluate_demo_teacher_grids_every_caption_when_given_fewer_than_sixteen
         (
             "evaluate_demo_teacher.py",
             ["--caption-seed", "1"],
-            "evaluate_demo_teacher.py: --caption-seed must be >= 10000019 "
-            "(the seeds below train the teacher), got 1",
+            "evaluate_demo_teacher.py: caption seed must be >= 10000019 (the seeds below train the teacher), "
+            "got 1",
+        ),
+        (
+            "evaluate_demo_teacher.py",
+            ["--caption-seed", "20000005"],
+            "evaluate_demo_teacher.py: caption seed 20000005 draws the real images Fréchet distances compare "
+            "with (20000003 to 20000006); choose another",
         ),
         (
             "evaluate_demo_teacher.py",

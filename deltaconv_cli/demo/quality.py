@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from cleanfid.fid import fid_from_feats
 
+from ..errors import DeltaConvError
 from . import domain
 from .extractor import DomainFeatureExtractor
 
@@ -17,7 +18,21 @@ if TYPE_CHECKING:
     from ..sampling import SampleSettings
 
 HELD_OUT_SEED = 10_000_019  # captions no training stream draws (training uses seeds 0.. and seed + 1)
-REFERENCE_SEED = 20_000_003  # real images for Fréchet distances
+REFERENCE_SEED = 20_000_003  # real images for Fréchet distances (this seed and the next three)
+
+
+def check_caption_seed(seed: int) -> None:
+    """Refuse a seed to draw held-out captions from whose scenes train the teacher or are the real images
+    that Fréchet distances compare with (samples of those very scenes would flatter the distance)."""
+    if seed < HELD_OUT_SEED:
+        raise DeltaConvError(
+            f"caption seed must be >= {HELD_OUT_SEED} (the seeds below train the teacher), got {seed}"
+        )
+    if REFERENCE_SEED <= seed <= REFERENCE_SEED + 3:
+        raise DeltaConvError(
+            f"caption seed {seed} draws the real images Fréchet distances compare with "
+            f"({REFERENCE_SEED} to {REFERENCE_SEED + 3}); choose another"
+        )
 
 
 @torch.no_grad()
@@ -185,6 +200,7 @@ def generator_quality(
     """
     from ..sampling import generate
 
+    check_caption_seed(caption_seed)
     captions, kinds = held_out_captions(count, caption_seed)
     seeds = list(range(first_seed, first_seed + count))
     samples = generate(pipe, captions, seeds, (domain.SIZE, domain.SIZE), settings)
