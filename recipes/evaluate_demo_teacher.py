@@ -13,12 +13,11 @@ behind those captions adhere (quality.reconstruction_adherence: the ceiling its 
 --grid writes a sample grid. --first-seed N samples caption i from the noise of seed N + i instead of i:
 the same captions from other noise, to see how far the sampling seeds alone move a score. --caption-seed
 draws other held-out captions (from a data set seed that neither trains the teacher nor gives the
-Fréchet distances' real images), to choose a setting on
-captions other than the documented ones before measuring it on those. --scheduler
-samples with another of `deltaconv sample`'s schedulers instead of the pipeline's own (the documented
-sampler); the result names the one used. --guidance-start S samples the first share S of the steps with
-the conditional prediction alone (`deltaconv sample --guidance-start`; by default the demo's recommended
-0.2, 0 where the guidance is 1 or less).
+Fréchet distances' real images), to choose a setting on captions other than the documented ones before
+measuring it on those. --scheduler samples with another of `deltaconv sample`'s schedulers instead of
+the pipeline's own (the documented sampler); the result names the one used. --guidance-start S samples
+the first share S of the steps with the conditional prediction alone (`deltaconv sample
+--guidance-start`; by default the demo's recommended 0.2, 0 where the guidance is 1 or less).
 """
 
 from __future__ import annotations
