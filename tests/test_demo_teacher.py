@@ -187,6 +187,20 @@ def test_attention_heads_set_the_heads_of_each_level(tmp_path: Path):
     assert len(heads) == 14  # self- and cross-attention in 7 transformer blocks
 
 
+def test_lowest_resolution_attention_adds_attention_to_the_8_by_8_blocks(tmp_path: Path):
+    recipe = TeacherRecipe(attention_heads=(1, 4, 2), lowest_resolution_attention=True)
+    unet = build_components(recipe, tmp_path)["unet"]
+    heads = {name: module.heads for name, module in unet.named_modules() if name.endswith(("attn1", "attn2"))}
+    assert {name.split(".attentions")[0] for name in heads} == {
+        *("down_blocks.1", "up_blocks.1", "mid_block", "down_blocks.2", "up_blocks.0")
+    }
+    assert {heads[n] for n in heads if n.startswith(("down_blocks.2", "up_blocks.0", "mid_block"))} == {2}
+    assert len(heads) == 14  # the 4 transformer blocks at 16 x 16 and in the middle, and 3 at 8 x 8
+    assert unet(
+        torch.randn(1, 4, 32, 32), 999, torch.randn(1, TEXT_LENGTH, recipe.text_width)
+    ).sample.shape == (1, 4, 32, 32)
+
+
 def test_the_shipped_recipe_has_attention_everywhere_but_at_32_by_32(tmp_path: Path):
     recipe = TeacherRecipe()
     unet = build_components(recipe, tmp_path)["unet"]

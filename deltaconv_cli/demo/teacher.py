@@ -77,6 +77,7 @@ SETTINGS_BEFORE_RECORDED: dict[str, Any] = {
     "attention_heads": (1, 1, 1),
     "full_resolution_attention": True,
     "kind_shares": (),
+    "lowest_resolution_attention": False,
 }
 
 
@@ -113,6 +114,9 @@ class TeacherRecipe:
     attention_heads: tuple[int, int, int] = (1, 1, 1)  # at 32 x 32, at 16 x 16, and in the 8 x 8 middle
     # Attention at 32 x 32 is half of a UNet step's time; without it the same minutes train twice the steps.
     full_resolution_attention: bool = False
+    # Self- and cross-attention in the 8 x 8 level's down and up blocks too, not only in its middle block:
+    # the number of objects and a mirrored pair's row are decided over the whole image, in the first steps.
+    lowest_resolution_attention: bool = False
     text_width: int = 96
 
     def __post_init__(self) -> None:
@@ -223,17 +227,21 @@ def build_components(recipe: TeacherRecipe, scratch: Path) -> dict[str, Any]:
     first_down, last_up = (
         ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if full else ("DownBlock2D", "UpBlock2D")
     )
+    lowest = recipe.lowest_resolution_attention
+    last_down, first_up = (
+        ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if lowest else ("DownBlock2D", "UpBlock2D")
+    )
     unet = UNet2DConditionModel(
         sample_size=domain.SIZE // 2,
         in_channels=4,
         out_channels=4,
         block_out_channels=recipe.unet_channels,
         layers_per_block=1,
-        down_block_types=(first_down, "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", last_up),
+        down_block_types=(first_down, "CrossAttnDownBlock2D", last_down),
+        up_block_types=(first_up, "CrossAttnUpBlock2D", last_up),
         cross_attention_dim=recipe.text_width,
-        # diffusers reads this as the number of heads per level (the middle block takes the last); the
-        # third level has no attention
+        # diffusers reads this as the number of heads per level; the last is the middle block's (and the
+        # 8 x 8 down and up blocks' with lowest_resolution_attention)
         attention_head_dim=recipe.attention_heads,
         norm_num_groups=NORM_GROUPS,
     )
