@@ -68,3 +68,12 @@ def test_benchmark_tables_end_a_missing_or_foreign_results_file_with_one_line(tm
 
     done = _tables("eval", str(missing), str(missing))
     assert done.returncode == 2 and "eval takes one results file, got 2" in done.stderr
+
+
+def test_benchmark_tables_piped_into_a_reader_that_stops_end_without_a_traceback():
+    command = [sys.executable, str(ROOT / "benchmarks" / "tables.py"), "teacher"]
+    command.append(str(ROOT / "docs" / "demo-teacher-quality.json"))
+    tables = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tables.stdout.close()  # as `head` does once it has its lines; the script is still importing then
+    stderr = tables.stderr.read()
+    assert (tables.wait(timeout=120), stderr) == (1, "")
