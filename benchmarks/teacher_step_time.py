@@ -1,12 +1,14 @@
-"""Time one training step of the demo teacher's UNet, with and without attention at 32 x 32, in turns.
+"""Time one training step of the demo teacher's UNet, with attention at 32 x 32 (v2), without it (v3 and v4)
+and with attention in the 8 x 8 blocks too (recipe 17), in turns.
 
     python benchmarks/teacher_step_time.py [--rounds 7] [--batch 16] [--json docs/teacher-step-time.json]
 
 A step is what ``train_denoiser`` does per batch: the UNet's forward pass on noisy 32 x 32 latents with
-the caption states as cross-attention context, the backward pass and an AdamW update. The two UNets are
-built by ``build_components`` from the default recipe and from ``full_resolution_attention=False``, and
-timed in interleaved rounds (one step of each per round, after one warm-up step each); the medians are
-reported, so that the machine's drift during the run moves both alike.
+the caption states as cross-attention context, the backward pass and an AdamW update. The UNets are
+built by ``build_components`` from the default recipe with ``full_resolution_attention`` or
+``lowest_resolution_attention`` set, and timed in interleaved rounds (one step of each per round, after
+one warm-up step each); the medians are reported, so that the machine's drift during the run moves all
+alike.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main() -> None:
     recipes = {
         "attention at 32 x 32 (v2)": TeacherRecipe(full_resolution_attention=True),
         "no attention at 32 x 32": TeacherRecipe(full_resolution_attention=False),
+        "attention at 8 x 8 too (recipe 17)": TeacherRecipe(lowest_resolution_attention=True),
     }
     steps = {}
     with tempfile.TemporaryDirectory() as scratch:
