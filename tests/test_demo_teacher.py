@@ -195,7 +195,7 @@ def test_lowest_resolution_attention_adds_attention_to_the_8_by_8_blocks(tmp_pat
         *("down_blocks.1", "up_blocks.1", "mid_block", "down_blocks.2", "up_blocks.0")
     }
     assert {heads[n] for n in heads if n.startswith(("down_blocks.2", "up_blocks.0", "mid_block"))} == {2}
-    assert len(heads) == 14  # the 4 transformer blocks at 16 x 16 and in the middle, and 3 at 8 x 8
+    assert len(heads) == 14  # 4 transformer blocks at 16 x 16 and in the middle, 3 in the 8 x 8 blocks
     assert unet(
         torch.randn(1, 4, 32, 32), 999, torch.randn(1, TEXT_LENGTH, recipe.text_width)
     ).sample.shape == (1, 4, 32, 32)
