@@ -223,14 +223,12 @@ def build_components(recipe: TeacherRecipe, scratch: Path) -> dict[str, Any]:
         sample_size=domain.SIZE,
         mid_block_add_attention=False,
     )
-    full = recipe.full_resolution_attention
-    first_down, last_up = (
-        ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if full else ("DownBlock2D", "UpBlock2D")
-    )
-    lowest = recipe.lowest_resolution_attention
-    last_down, first_up = (
-        ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if lowest else ("DownBlock2D", "UpBlock2D")
-    )
+
+    def level_blocks(attention: bool) -> tuple[str, str]:  # a level's down and up block types
+        return ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attention else ("DownBlock2D", "UpBlock2D")
+
+    first_down, last_up = level_blocks(recipe.full_resolution_attention)
+    last_down, first_up = level_blocks(recipe.lowest_resolution_attention)
     unet = UNet2DConditionModel(
         sample_size=domain.SIZE // 2,
         in_channels=4,
