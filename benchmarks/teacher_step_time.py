@@ -1,12 +1,13 @@
-"""Time one training step of the demo teacher's UNet, with attention at 32 x 32 (v2), without it (v3 and v4)
-and with attention in the 8 x 8 blocks too (recipe 17), in turns.
+"""Time one training step of the demo teacher's UNet, with attention at 32 x 32 (v2), without it (v3 and v4),
+with attention in the 8 x 8 blocks too (recipe 17), and v4's under bf16 autocast (recipe 19), in turns.
 
     python benchmarks/teacher_step_time.py [--rounds 7] [--batch 16] [--json docs/teacher-step-time.json]
 
 A step is what ``train_denoiser`` does per batch: the UNet's forward pass on noisy 32 x 32 latents with
 the caption states as cross-attention context, the backward pass and an AdamW update. The UNets are
 built by ``build_components`` from the default recipe with ``full_resolution_attention`` or
-``lowest_resolution_attention`` set, and timed in interleaved rounds (one step of each per round, after
+``lowest_resolution_attention`` set, run in the recipe's ``mixed_precision`` as ``train_denoiser`` runs
+them, and timed in interleaved rounds (one step of each per round, after
 one warm-up step each); the medians are reported, so that the machine's drift during the run moves all
 alike.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from deltaconv_cli.cli import write_json
-from deltaconv_cli.demo.teacher import TEXT_LENGTH, TeacherRecipe, build_components
+from deltaconv_cli.demo.teacher import TEXT_LENGTH, TeacherRecipe, build_components, unet_autocast
 from deltaconv_cli.recipes.recipe_cli import run
 
 
@@ -39,6 +40,7 @@ def main() -> None:
         "attention at 32 x 32 (v2)": TeacherRecipe(full_resolution_attention=True),
         "no attention at 32 x 32": TeacherRecipe(full_resolution_attention=False),
         "attention at 8 x 8 too (recipe 17)": TeacherRecipe(lowest_resolution_attention=True),
+        "no attention at 32 x 32, bf16 autocast (recipe 19)": TeacherRecipe(mixed_precision="bf16"),
     }
     steps = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -52,12 +54,14 @@ def main() -> None:
                 torch.randint(1000, (args.batch,)),
                 torch.randn(args.batch, TEXT_LENGTH, recipe.text_width),
             )
-            steps[name] = (unet, optimizer, inputs)
+            steps[name] = (unet, optimizer, inputs, recipe)
 
     def train_step(name: str) -> float:
-        unet, optimizer, inputs = steps[name]
+        unet, optimizer, inputs, recipe = steps[name]
         start = time.perf_counter()
-        unet(*inputs).sample.square().mean().backward()
+        with unet_autocast(recipe):
+            prediction = unet(*inputs).sample.float()
+        prediction.square().mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start

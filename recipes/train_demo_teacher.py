@@ -29,7 +29,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "deltaconv_cli" / "assets
 
 def recipe_setting(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` for a TeacherRecipe field (but the seed and steps, which have their own options), the
-    value (JSON) of the field's type."""
+    value (JSON, or the bare word for a text setting) of the field's type."""
     own_options = ("seed", "steps")
     defaults = {f.name: f.default for f in dataclasses.fields(TeacherRecipe) if f.name not in own_options}
     key, _, raw = text.partition("=")
@@ -40,7 +40,9 @@ def recipe_setting(text: str) -> tuple[str, Any]:
         value = json.loads(raw)
     except ValueError:
         value = None
-    if isinstance(default, tuple) and isinstance(value, list):
+    if isinstance(default, str) and not isinstance(value, str):  # mixed_precision=bf16, unquoted
+        value = raw
+    elif isinstance(default, tuple) and isinstance(value, list):
         value = tuple(value)
     elif isinstance(default, float) and type(value) is int:
         value = float(value)

@@ -99,6 +99,39 @@ def test_unet_stage_keeps_the_text_encoder_frozen_and_resumes_exactly(tmp_path: 
     assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
 
 
+def test_mixed_precision_bf16_runs_the_unet_in_bfloat16_and_keeps_its_weights_in_float32(tmp_path: Path):
+    captions = [domain.make_scene(0, i).caption for i in range(8)]
+    latents = torch.randn(8, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    trained, seen = {}, {}
+    for precision in teacher.MIXED_PRECISION:
+        recipe = TeacherRecipe(steps=2, batch=2, warmup=1, mixed_precision=precision)
+        parts = build_components(recipe, tmp_path / precision)
+        parts["unet"].conv_in.register_forward_hook(
+            lambda _m, _i, out, p=precision: seen.setdefault(p, out.dtype) and None  # keeps the output
+        )
+        trained[precision] = _train(parts, latents, captions, recipe, tmp_path / precision / "checkpoint")
+    assert seen == {"no": torch.float32, "bf16": torch.bfloat16}
+    assert all(v.dtype == torch.float32 for v in trained["bf16"].values())
+    # Same start and batches; the steps differ only by bfloat16 rounding in the forward pass.
+    changed = [k for k, v in trained["no"].items() if not torch.equal(v, trained["bf16"][k])]
+    assert changed
+    for k in changed:
+        torch.testing.assert_close(trained["bf16"][k], trained["no"][k], atol=1e-2, rtol=0)
+
+
+def test_bf16_training_on_a_cpu_without_bfloat16_instructions_says_it_will_be_slow(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(teacher, "cpu_has_bf16", lambda: False)
+    captions = [domain.make_scene(0, i).caption for i in range(8)]
+    latents = torch.randn(8, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    for precision in teacher.MIXED_PRECISION:
+        recipe = TeacherRecipe(steps=1, batch=2, warmup=1, mixed_precision=precision)
+        _train(build_components(recipe, tmp_path), latents, captions, recipe, tmp_path / precision)
+        warned = "this CPU has no bfloat16 instructions" in capsys.readouterr().err
+        assert warned == (precision == "bf16")
+
+
 def test_kind_shares_set_the_share_of_each_caption_kind_in_the_unet_batches(tmp_path: Path):
     captions = [domain.make_scene(0, i).caption for i in range(200)]
     kinds = [domain.parse_caption(caption)[0] for caption in captions]
@@ -239,6 +272,7 @@ KIND_SHARES_MESSAGE = "kind_shares takes 4 shares >= 0 summing to 1 (single, pai
         ({"seed": -1}, "seed must be >= 0, got -1"),
         ({"high_noise_from": 1000}, "high_noise_from must be a timestep in [0, 999], got 1000"),
         ({"text_width": 95}, "text_width must be a multiple of the text encoder's 2 heads"),
+        ({"mixed_precision": "fp16"}, "mixed_precision must be one of no, bf16, got 'fp16'"),
         *(
             ({"kind_shares": shares}, f"{KIND_SHARES_MESSAGE}, got {list(shares)}")
             for shares in [(0.5, 0.5), (0.5, 0.5, 0.5, -0.5), (0.2, 0.2, 0.2, 0.2), (1, 0, 0, "mirror")]
@@ -358,6 +392,11 @@ def test_evaluate_demo_teacher_grids_every_caption_when_given_fewer_than_sixteen
             ["--out", "{tmp}/out", "--work", "{tmp}/work", "--set", "attention_heads=[1,5,4]"],
             "train_demo_teacher.py: attention_heads [1, 5, 4] must divide unet_channels [48, 96, 96] "
             "level by level",
+        ),
+        (
+            "train_demo_teacher.py",
+            ["--out", "{tmp}/out", "--work", "{tmp}/work", "--set", "mixed_precision=fp16"],
+            "train_demo_teacher.py: mixed_precision must be one of no, bf16, got 'fp16'",
         ),
         (
             "train_demo_teacher.py",

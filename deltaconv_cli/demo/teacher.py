@@ -9,8 +9,9 @@ Training (:func:`train_teacher`) runs in stages, each saved when done so that a 
 last finished stage: render the data set, train the VAE, encode latents, teach the text encoder what each
 object phrase says (:func:`train_text_encoder`), train the UNet on the frozen encoder (v prediction,
 loss capped at low noise, EMA, classifier-free caption dropout), train the feature extractor, write the
-pipeline folder. Everything runs in float32: CPUs without bf16 instructions run bf16 autocast about ten times
-slower, and the recipe has to fit 90 minutes on two such cores.
+pipeline folder. Everything runs in float32 but, with ``mixed_precision="bf16"``, the UNet's forward pass,
+which runs under bfloat16 autocast: that halves a UNet step on a CPU with bfloat16 instructions (AVX512-BF16,
+AMX) and slows it several times on one without them, so the recipe says so before the stage starts.
 """
 
 from __future__ import annotations
@@ -78,7 +79,12 @@ SETTINGS_BEFORE_RECORDED: dict[str, Any] = {
     "full_resolution_attention": True,
     "kind_shares": (),
     "lowest_resolution_attention": False,
+    "mixed_precision": "no",
 }
+
+# accelerate's names for the precision of the UNet's forward pass in training (weights and optimizer stay
+# float32); "bf16" runs it under torch.autocast, which halves a step on a CPU with bfloat16 instructions.
+MIXED_PRECISION = ("no", "bf16")
 
 
 @dataclass
@@ -117,6 +123,7 @@ class TeacherRecipe:
     # Self- and cross-attention in the 8 x 8 level's down and up blocks too, not only in its middle block:
     # the number of objects and a mirrored pair's row are decided over the whole image, in the first steps.
     lowest_resolution_attention: bool = False
+    mixed_precision: str = "no"
     text_width: int = 96
 
     def __post_init__(self) -> None:
@@ -137,6 +144,10 @@ class TeacherRecipe:
                 raise DeltaConvError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.seed < 0:
             raise DeltaConvError(f"seed must be >= 0, got {self.seed}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise DeltaConvError(
+                f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
         last_timestep = NOISE_SCHEDULE["num_train_timesteps"] - 1
         if not 0 <= self.high_noise_from <= last_timestep:
             raise DeltaConvError(
@@ -422,6 +433,16 @@ def train_text_encoder(
     return accuracy
 
 
+def unet_autocast(recipe: TeacherRecipe) -> torch.autocast:
+    """The context the UNet's training forward pass runs in: bfloat16 autocast if the recipe asks for it."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.mixed_precision == "bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has the bfloat16 instructions that make bf16 autocast fast (oneDNN's own check)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def train_denoiser(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
@@ -461,6 +482,11 @@ def train_denoiser(
     ema = EMAModel(params, decay=recipe.ema_decay, use_ema_warmup=True, power=0.75)
     scene_weights = _scene_weights(captions, recipe.kind_shares) if recipe.kind_shares else None
     start = _load_denoiser_checkpoint(checkpoint, params, ema, optimizer) if checkpoint.exists() else 0
+    if recipe.mixed_precision == "bf16" and not cpu_has_bf16():
+        progress.console.print(
+            "this CPU has no bfloat16 instructions: the recipe's bf16 UNet steps run several times slower "
+            "here than in float32 (mixed_precision=no trains in float32, a different recipe)"
+        )
     task = progress.add_task("UNet", total=recipe.steps, completed=start, status="")
     unet.train()
     for step in range(start, recipe.steps):
@@ -480,7 +506,8 @@ def train_denoiser(
         noisy = scheduler.add_noise(x0, noise, t)
         with torch.no_grad():
             context = text_encoder(tokens)[0]
-        pred = unet(noisy, t, context).sample
+        with unet_autocast(recipe):
+            pred = unet(noisy, t, context).sample.float()
         weight = torch.clamp((recipe.snr_cap + 1) / (snr[t] + 1), max=1.0)
         target = scheduler.get_velocity(x0, noise, t)
         loss = (weight * (pred - target).square().mean(dim=(1, 2, 3))).mean()
