@@ -40,11 +40,20 @@ for scheduler in unipc euler heun; do
 done
 measure python recipes/count_histogram.py --json docs/count-histogram.json
 
+# This script's own distill folders from an earlier run: distill refuses a folder that holds a run, so the
+# step about to run (the next one) starts from none.
+fresh() {
+    if ((step + 1 >= first)); then rm -rf "$@"; fi
+}
+
 # 2. Distillation: the starts, README's main command, LinFusion on the same budget (its recipe, then ours).
 measure python benchmarks/init_fidelity.py --json docs/init-fidelity.json
+fresh runs/demo
 measure deltaconv distill demo --data demo --recipe demo --out runs/demo --json docs/distill-demo-300.json
+fresh runs/demo-linfusion-300
 measure deltaconv distill demo --data demo --recipe demo --mixer linfusion --out runs/demo-linfusion-300 \
     --json docs/distill-demo-linfusion-300.json
+fresh runs/demo-linfusion-300-pure
 measure deltaconv distill demo --data demo --recipe demo --mixer linfusion --set denoise_weight=0 \
     --set teacher_weight=1 --set feature_weight=0.5 --set learning_rate=3e-4 \
     --out runs/demo-linfusion-300-pure --json docs/distill-demo-linfusion-300-pure-distillation.json
