@@ -1,11 +1,12 @@
-"""Train the embedded demo teacher and its feature extractor (60 to 90 minutes on a 2-core CPU).
+"""Train the embedded demo teacher and its feature extractor (75 to 105 minutes on a 2-core CPU, by the day).
 
     python recipes/train_demo_teacher.py [--out deltaconv_cli/assets/demo] [--work DIR] [--seed 1]
         [--set KEY=VALUE ...]
 
-The defaults are the shipped teacher's (v4). --set changes any setting of TeacherRecipe
-(deltaconv_cli/demo/teacher.py); teacher v2, recipe 6 of BENCHMARKS.md, is --seed 0 --steps 2100
---set vae_steps=800 --set mirror_class=false --set full_resolution_attention=true.
+The defaults are the shipped teacher's (v5). --set changes any setting of TeacherRecipe
+(deltaconv_cli/demo/teacher.py); teacher v4 is --steps 5700 --set mixed_precision=no, and teacher v2,
+recipe 6 of BENCHMARKS.md, is --seed 0 --steps 2100 --set vae_steps=800 --set mirror_class=false
+--set full_resolution_attention=true --set 'kind_shares=[]' --set mixed_precision=no.
 
 Reproducible from the seed. Finished stages (data, VAE, latents, denoiser checkpoints every 300
 steps, extractor) are kept in a work folder (--work; default next to OUT), so an interrupted run

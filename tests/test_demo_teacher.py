@@ -119,19 +119,6 @@ def test_mixed_precision_bf16_runs_the_unet_in_bfloat16_and_keeps_its_weights_in
         torch.testing.assert_close(trained["bf16"][k], trained["no"][k], atol=1e-2, rtol=0)
 
 
-def test_bf16_training_on_a_cpu_without_bfloat16_instructions_says_it_will_be_slow(
-    tmp_path, monkeypatch, capsys
-):
-    monkeypatch.setattr(teacher, "cpu_has_bf16", lambda: False)
-    captions = [domain.make_scene(0, i).caption for i in range(8)]
-    latents = torch.randn(8, 4, 32, 32, generator=torch.Generator().manual_seed(0))
-    for precision in teacher.MIXED_PRECISION:
-        recipe = TeacherRecipe(steps=1, batch=2, warmup=1, mixed_precision=precision)
-        _train(build_components(recipe, tmp_path), latents, captions, recipe, tmp_path / precision)
-        warned = "this CPU has no bfloat16 instructions" in capsys.readouterr().err
-        assert warned == (precision == "bf16")
-
-
 def test_kind_shares_set_the_share_of_each_caption_kind_in_the_unet_batches(tmp_path: Path):
     captions = [domain.make_scene(0, i).caption for i in range(200)]
     kinds = [domain.parse_caption(caption)[0] for caption in captions]
@@ -197,14 +184,18 @@ def test_a_work_folder_from_before_a_setting_existed_counts_what_ran_before_it(t
     for setting in SETTINGS_BEFORE_RECORDED:
         del earlier[setting]
     (work / "recipe.json").write_text(json.dumps(earlier))
-    with pytest.raises(DeltaConvError, match=r"\(kind_shares, full_resolution_attention differ\)"):
+    with pytest.raises(
+        DeltaConvError, match=r"\(kind_shares, full_resolution_attention, mixed_precision differ\)"
+    ):
         teacher.train_teacher(tmp_path / "out", TeacherRecipe(mirror_class=True), work=work)
 
     def stop(*_: object) -> None:
         raise RuntimeError("past the recipe check")
 
     monkeypatch.setattr(teacher, "build_components", stop)
-    what_ran = TeacherRecipe(mirror_class=True, full_resolution_attention=True, kind_shares=())
+    what_ran = TeacherRecipe(
+        mirror_class=True, full_resolution_attention=True, kind_shares=(), mixed_precision="no"
+    )
     assert TeacherRecipe.read(work / "recipe.json") == what_ran
     with pytest.raises(RuntimeError, match="past the recipe check"):
         teacher.train_teacher(tmp_path / "out", what_ran, work=work)
@@ -249,6 +240,12 @@ def test_the_shipped_recipe_has_attention_everywhere_but_at_32_by_32(tmp_path: P
     assert unet(
         torch.randn(1, 4, 32, 32), 999, torch.randn(1, TEXT_LENGTH, recipe.text_width)
     ).sample.shape == (1, 4, 32, 32)
+
+
+def test_the_default_recipe_is_the_one_the_shipped_teacher_recorded():
+    # train_demo_teacher.py with no settings reproduces the shipped weights' recipe.
+    shipped = Path(teacher.__file__).resolve().parents[1] / "assets" / "demo" / "recipe.json"
+    assert TeacherRecipe.read(shipped) == TeacherRecipe()
 
 
 KIND_SHARES_MESSAGE = "kind_shares takes 4 shares >= 0 summing to 1 (single, pair, count, mirror)"

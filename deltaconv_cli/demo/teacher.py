@@ -9,9 +9,8 @@ Training (:func:`train_teacher`) runs in stages, each saved when done so that a 
 last finished stage: render the data set, train the VAE, encode latents, teach the text encoder what each
 object phrase says (:func:`train_text_encoder`), train the UNet on the frozen encoder (v prediction,
 loss capped at low noise, EMA, classifier-free caption dropout), train the feature extractor, write the
-pipeline folder. Everything runs in float32 but, with ``mixed_precision="bf16"``, the UNet's forward pass,
-which runs under bfloat16 autocast: that halves a UNet step on a CPU with bfloat16 instructions (AVX512-BF16,
-AMX) and slows it several times on one without them, so the recipe says so before the stage starts.
+pipeline folder. Everything runs in float32 but, with ``mixed_precision="bf16"`` (v5's recipe), the UNet's
+forward pass, which runs under bfloat16 autocast.
 """
 
 from __future__ import annotations
@@ -82,8 +81,8 @@ SETTINGS_BEFORE_RECORDED: dict[str, Any] = {
     "mixed_precision": "no",
 }
 
-# accelerate's names for the precision of the UNet's forward pass in training (weights and optimizer stay
-# float32); "bf16" runs it under torch.autocast, which halves a step on a CPU with bfloat16 instructions.
+# accelerate's names for the precision of the UNet's forward pass in training (weights, optimizer and loss
+# stay float32); "bf16" runs it under torch.autocast.
 MIXED_PRECISION = ("no", "bf16")
 
 
@@ -101,7 +100,7 @@ class TeacherRecipe:
     text_batch: int = 64
     text_lr: float = 1e-3
     mirror_class: bool = True  # the text encoder's auxiliary task gives mirror phrases their own cell class
-    steps: int = 5700
+    steps: int = 8000
     batch: int = 16
     lr: float = 6e-4
     warmup: int = 200
@@ -123,7 +122,8 @@ class TeacherRecipe:
     # Self- and cross-attention in the 8 x 8 level's down and up blocks too, not only in its middle block:
     # the number of objects and a mirrored pair's row are decided over the whole image, in the first steps.
     lowest_resolution_attention: bool = False
-    mixed_precision: str = "no"
+    # v5 trained in bf16 (recipe 19 in BENCHMARKS.md); a step takes about as long as in float32 there.
+    mixed_precision: str = "bf16"
     text_width: int = 96
 
     def __post_init__(self) -> None:
@@ -438,11 +438,6 @@ def unet_autocast(recipe: TeacherRecipe) -> torch.autocast:
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.mixed_precision == "bf16")
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has the bfloat16 instructions that make bf16 autocast fast (oneDNN's own check)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def train_denoiser(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
@@ -482,11 +477,6 @@ def train_denoiser(
     ema = EMAModel(params, decay=recipe.ema_decay, use_ema_warmup=True, power=0.75)
     scene_weights = _scene_weights(captions, recipe.kind_shares) if recipe.kind_shares else None
     start = _load_denoiser_checkpoint(checkpoint, params, ema, optimizer) if checkpoint.exists() else 0
-    if recipe.mixed_precision == "bf16" and not cpu_has_bf16():
-        progress.console.print(
-            "this CPU has no bfloat16 instructions: the recipe's bf16 UNet steps run several times slower "
-            "here than in float32 (mixed_precision=no trains in float32, a different recipe)"
-        )
     task = progress.add_task("UNet", total=recipe.steps, completed=start, status="")
     unet.train()
     for step in range(start, recipe.steps):
