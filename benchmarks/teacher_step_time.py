@@ -7,9 +7,9 @@ A step is what ``train_denoiser`` does per batch: the UNet's forward pass on noi
 the caption states as cross-attention context, the backward pass and an AdamW update. The UNets are
 built by ``build_components`` from the default recipe with ``full_resolution_attention`` or
 ``lowest_resolution_attention`` set, run in the recipe's ``mixed_precision`` as ``train_denoiser`` runs
-them, and timed in interleaved rounds (one step of each per round, after
-one warm-up step each); the medians are reported, so that the machine's drift during the run moves all
-alike.
+them, and timed in interleaved rounds (one step of each per round, after one warm-up step each); the
+medians are reported, so that the machine's drift during the run moves all alike. Each system is its own
+UNet: switching one UNet between float32 and bf16 autocast slows its float32 steps.
 """
 
 from __future__ import annotations

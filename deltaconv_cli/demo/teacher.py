@@ -9,8 +9,8 @@ Training (:func:`train_teacher`) runs in stages, each saved when done so that a 
 last finished stage: render the data set, train the VAE, encode latents, teach the text encoder what each
 object phrase says (:func:`train_text_encoder`), train the UNet on the frozen encoder (v prediction,
 loss capped at low noise, EMA, classifier-free caption dropout), train the feature extractor, write the
-pipeline folder. Everything runs in float32 but, with ``mixed_precision="bf16"`` (v5's recipe), the UNet's
-forward pass, which runs under bfloat16 autocast.
+pipeline folder. Everything runs in float32 except the UNet's training forward pass, which runs under
+bfloat16 autocast when ``mixed_precision="bf16"`` (v5's recipe).
 """
 
 from __future__ import annotations
