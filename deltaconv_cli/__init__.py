@@ -21,6 +21,7 @@ _PUBLIC = {
     "convert": "convert",
     "read_weights": "interop",
     "export_adapter": "interop",
+    "inspect_weights": "inspection",
     "DeltaConvError": "errors",
 }
 __all__ = sorted(_PUBLIC)

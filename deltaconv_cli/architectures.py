@@ -53,7 +53,8 @@ class Family:
             self-attention sub-block (the feature ``distill`` compares by default).
         released_gate: the gate of the ΔConv authors' released students of this family (their files
             do not say; docs/method.md §1.1).
-        released_base: the base model those students were distilled from, for messages.
+        released_base: the hub id of the model those students were distilled from (the authors'
+            ``cfgs/train/py/*_dist.py``), recorded in the adapters imported from them.
     """
 
     name: str
@@ -193,7 +194,7 @@ SD = Family(
     call=_unet_call,
     latent_stride=_unet_stride,
     matches=lambda config: config.get("addition_embed_type") != "text_time",
-    released_base="DreamShaper 8 (Lykon/dreamshaper-8, an SD 1.5 fine-tune)",
+    released_base="Lykon/DreamShaper",  # an SD 1.5 fine-tune; its diffusers weights are DreamShaper 7
 )
 SDXL = Family(
     name="sdxl",
@@ -208,7 +209,7 @@ SDXL = Family(
     call=_unet_call,
     latent_stride=_unet_stride,
     matches=lambda config: config.get("addition_embed_type") == "text_time",
-    released_base="SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0)",
+    released_base="stabilityai/stable-diffusion-xl-base-1.0",
 )
 PIXART = Family(
     name="pixart",
@@ -226,7 +227,7 @@ PIXART = Family(
     guidance_rescale=False,
     late_guidance=False,
     released_gate="sigmoid",
-    released_base="PixArt-Sigma-XL-2-512-MS (PixArt-alpha/PixArt-Sigma-XL-2-512-MS)",
+    released_base="PixArt-alpha/PixArt-Sigma-XL-2-512-MS",  # pixart512-*; pixart1024-*: see interop
 )
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, PIXART)}
 

@@ -148,9 +148,21 @@ def convert(
         str | None,
         typer.Option(
             help="Import released blocks instead of starting new ones: a ConvFusion .safetensors file (the "
-            "ΔConv authors' students, distilled from DreamShaper 8, SDXL base 1.0 or "
+            "ΔConv authors' students, distilled from Lykon/DreamShaper, SDXL base 1.0 or "
             "PixArt-Sigma-XL-2-512-MS: give that model as MODEL), a LinFusion folder, a deltaconv "
-            "adapter, or a hub id (owner/name, hf://owner/name/path). The layout is read from the files.",
+            "adapter, or a hub id (owner/name, hf://owner/name/path). The layout is read from the files; "
+            "`deltaconv inspect` shows it.",
+        ),
+    ] = None,
+    ema: Annotated[
+        bool,
+        typer.Option("--ema", help="With --weights: read a nested ConvFusion file's EMA copy (base_ema:)."),
+    ] = False,
+    scales: Annotated[
+        str | None,
+        typer.Option(
+            help="With --weights: the scales of a ConvFusion file's gates, which it does not record, e.g. "
+            "1,1/2,1/3 (needed for more than two gates per block; two are the authors' 1,1/2)."
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")] = False,
@@ -158,11 +170,13 @@ def convert(
 ) -> None:
     """Replace every self-attention of MODEL with a ΔConvBlock (new, or imported: --weights); write OUT."""
     from .convert import convert as run_convert
+    from .interop import parse_scales
 
     sizes = _parse_kernel_sizes(kernel_size, kernel_sizes)
     report = run_convert(
         model, out, kernel_sizes=sizes, gate=gate.value, seed=seed, init=init,
-        calibration_data=calibration_data, overwrite=overwrite, weights=weights,
+        calibration_data=calibration_data, overwrite=overwrite, weights=weights, ema=ema,
+        scales=parse_scales(scales) if scales is not None else None,
     )  # fmt: skip
     write_json(json_out, report.to_dict())
     if str(json_out) != "-":
@@ -193,6 +207,30 @@ def export(
         from . import reports  # imports torch: only once a command runs
 
         show(reports.export_report(report))
+
+
+@app.command("inspect")
+@user_errors
+def inspect_command(
+    weights: Annotated[
+        str,
+        typer.Argument(
+            help="A ConvFusion .safetensors file, a LinFusion or deltaconv adapter folder, a converted model "
+            "folder, or a hub id (owner/name, hf://owner/name/path)."
+        ),
+    ],
+    json_out: JsonOption = None,
+) -> None:
+    """Show what a weights file or folder holds and what `convert --weights` would do with it (reads only
+    the safetensors header)."""
+    from .inspection import inspect_weights
+
+    report = inspect_weights(weights)
+    write_json(json_out, report.to_dict())
+    if str(json_out) != "-":
+        from . import reports  # imports torch: only once a command runs
+
+        show(reports.inspect_report(report))
 
 
 def _parse_settings(values: list[str]) -> dict[str, Any]:

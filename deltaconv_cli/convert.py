@@ -23,7 +23,14 @@ from .architectures import denoiser_of
 from .data import open_data
 from .demo import DEMO
 from .errors import DeltaConvError
-from .loading import ADAPTER_DIR, PICKLE_SUFFIXES, load_attention_weights, load_model, locate_model
+from .loading import (
+    ADAPTER_DIR,
+    PICKLE_SUFFIXES,
+    load_attention_weights,
+    load_model,
+    locate_model,
+    model_name_or_path,
+)
 from .mixers import check_init
 from .runtime import check_output_folder, check_seeds, numel
 from .surgery import DeltaConvAdapter, find_self_attention_sites, trace_token_grids
@@ -52,6 +59,8 @@ class ConversionReport:
     calibration: dict[str, Any] | None = None  # what the start was fitted on, and its cost
     mixer: str = "deltaconv"
     imported: dict[str, Any] | None = None  # with weights: their source, format and what they replaced
+    base_model: str | None = None  # the model the blocks were made for (adapter config), where known
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def params_removed(self) -> int:
@@ -127,13 +136,19 @@ def convert(
     overwrite: bool = False,
     show_progress: bool = True,
     weights: str | Path | None = None,
+    ema: bool = False,
+    scales: tuple[float, ...] | None = None,
 ) -> ConversionReport:
     """Write ``out``: the model of ``source`` plus a new ΔConv adapter for all its self-attention,
     started from each attention's weights (``init="teacher"``, reading only those) or randomly; or,
     with ``weights``, the blocks (and other denoiser tensors) of released weights, in whatever layout
-    (:data:`deltaconv_cli.interop.FORMATS`)."""
+    (:data:`deltaconv_cli.interop.FORMATS`; ``ema`` and ``scales`` as
+    :func:`~deltaconv_cli.interop.read_weights` takes them). The adapter records the model it was made
+    for (``base_model_name_or_path``)."""
     check_init(init)
     check_seeds([seed])
+    if weights is None and (ema or scales is not None):
+        raise DeltaConvError(f"{'--ema' if ema else '--scales'} reads released weights: give --weights too")
     if weights is not None:
         given = {"kernel sizes": kernel_sizes is not None, "a gate": gate != "scaled",
                  "an init": init != "teacher", "calibration data": calibration_data is not None}  # fmt: skip
@@ -152,14 +167,17 @@ def convert(
 
     denoiser = folder.meta_denoiser()
     if weights is not None:
-        return _import(folder, source, denoiser, weights, out, show_progress)
+        return _import(folder, source, denoiser, weights, out, show_progress, ema=ema, scales=scales)
     calibration_data = calibration_data or (DEMO if str(source) == DEMO and init == "teacher" else None)
     if calibration_data is not None and (init != "teacher" or not folder.is_pipeline):
         raise DeltaConvError("calibration data fits a teacher-initialised start and needs a whole pipeline")
     if calibration_data is not None:
         open_data(calibration_data)  # a clear error for a bad data folder before any weight is read
     try:
-        adapter = DeltaConvAdapter.construct_for(denoiser, kernel_sizes, gate=gate, seed=seed, init=init)
+        base = model_name_or_path(source, folder)
+        adapter = DeltaConvAdapter.construct_for(
+            denoiser, kernel_sizes, gate=gate, seed=seed, init=init, base_model_name_or_path=base
+        )
     except ValueError as err:
         raise DeltaConvError(str(err)) from None
     report = _report(source, out, folder, denoiser, adapter)  # traces grids: all weights still on meta
@@ -179,6 +197,7 @@ def _report(
     """The replaced layers of ``denoiser`` (on the meta device) and their parameter counts."""
     report = ConversionReport(str(source), str(out), folder.denoiser_class, adapter.config.family)
     report.mixer = adapter.config.mixer
+    report.base_model = adapter.config.base_model_name_or_path
     report.params_before = numel(denoiser)
     latent = denoiser.config.sample_size
     latent = latent if isinstance(latent, int) else latent[0]
@@ -201,11 +220,11 @@ def _report(
 
 
 def _import(folder: Any, source: str | Path, denoiser: Any, weights: str | Path, out: Path,
-            show_progress: bool) -> ConversionReport:  # fmt: skip
+            show_progress: bool, **options: Any) -> ConversionReport:  # fmt: skip
     """``convert`` with released weights: check them against the model, then write the folder."""
     from .interop import read_weights
 
-    imported = read_weights(weights, denoiser)
+    imported = read_weights(weights, denoiser, **options)
     report = _report(source, out, folder, denoiser, imported.adapter)
     report.init = "imported"
     report.imported = {
@@ -213,7 +232,25 @@ def _import(folder: Any, source: str | Path, denoiser: Any, weights: str | Path,
         "format": imported.format,
         "replaced_tensors": sorted(imported.replaced),
         "kept_attention": imported.kept_attention,
+        "key_nesting": imported.key_nesting,
+        "scales": list(imported.adapter.config.scales) if imported.format == "convfusion" else None,
+        "scales_from": imported.scales_from,
+        "base_model_note": imported.base_model_note,
     }
+    model = model_name_or_path(source, folder)
+    report.base_model = imported.base_model
+    if imported.base_model is None:
+        imported.adapter.register_to_config(base_model_name_or_path=model)
+        report.base_model = model
+        note = imported.base_model_note
+        report.imported["base_model_note"] = f"{note}; recorded as MODEL, {model}" if note else \
+            f"the weights do not say; recorded as MODEL, {model}"  # fmt: skip
+    elif imported.base_model.lower() != model.lower() and not Path(model).is_absolute():
+        # A local folder's model is unknown: the report names the right one instead of warning.
+        report.warnings.append(
+            f"these blocks were made for {imported.base_model}, and MODEL is {model}: on another model "
+            "they do not compute what their authors measured"
+        )
     _write(folder, out, imported.adapter, imported.replaced, show_progress)
     return report
 

@@ -52,7 +52,7 @@ from .conditioning import encode_prompts, latent_posterior, predict
 from .data import DEMO, batch_indices, image_tensor, open_data
 from .errors import DeltaConvError
 from .interop import adapter_for
-from .loading import load_model, locate_model, locate_pipeline
+from .loading import load_model, locate_model, locate_pipeline, model_name_or_path
 from .mixers import INITS, MIXERS
 from .progress import advance, progress_bar
 from .runtime import check_output_folder
@@ -71,6 +71,9 @@ class DistillConfig:
 
     steps: int = 1000
     mixer: str = "deltaconv"
+    # LinFusion only: feature MLPs of width C // mid_dim_scale (LinFusion's --mid_dim_scale; 16 for
+    # LinFusion-XL), -1 for none; new blocks only (imported ones keep their widths).
+    mid_dim_scale: int = 1
     kernel_sizes: int | dict[str, int] | None = None
     gate: str = "scaled"
     init: str = "teacher"  # new blocks start from the attention ("teacher") or randomly (the paper)
@@ -112,6 +115,10 @@ class DistillConfig:
             wrong_type = not isinstance(value, kind) or isinstance(value, bool) and bool not in kind
             if wrong_type or not allowed(value):
                 raise DeltaConvError(f"setting {name} must be {description}, got {value!r}")
+        if self.mid_dim_scale != 1 and self.mixer != "linfusion":
+            raise DeltaConvError(
+                f"setting mid_dim_scale sets LinFusion's feature MLPs; {self.mixer} has none"
+            )
         sizes = self.kernel_sizes
         values = [sizes] if isinstance(sizes, int) else list((sizes or {}).values())
         if not isinstance(sizes, int | dict | None) or any(
@@ -135,6 +142,8 @@ class DistillConfig:
 
 
 SETTING_NAMES = frozenset(f.name for f in fields(DistillConfig))
+# Settings added after run folders were first written: a folder without one ran with this value.
+SETTINGS_ADDED_LATER = {"mid_dim_scale": 1}
 
 
 def _finite(low: float, high: float = math.inf, *, open_low: bool = False) -> Callable[[Any], bool]:
@@ -146,6 +155,7 @@ _NUMBER = (int, float)
 # name -> (accepted types, rule, what the setting must be); `steps` and `kernel_sizes` are checked apart.
 _SETTING_RULES: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] = {
     "mixer": ((str,), lambda v: v in MIXERS, f"one of {', '.join(MIXERS)}"),
+    "mid_dim_scale": (_COUNT, lambda v: v >= 1 or v == -1, "a whole number >= 1, or -1 (no feature MLP)"),
     "gate": ((str,), lambda v: v in GATES, f"one of {', '.join(GATES)}"),
     "init": ((str,), lambda v: v in INITS, f"one of {', '.join(INITS)}"),
     "calibration_samples": (_COUNT, lambda v: v >= 0, "a number of images >= 0"),
@@ -429,9 +439,11 @@ def distill(
             f"{out} already holds a run; pass --resume to continue it or choose another folder"
         )
     settings = {"model": str(model), "data": str(data), **config.trajectory()}
+    if adapter is not None and config.mid_dim_scale != 1:
+        raise DeltaConvError("setting mid_dim_scale builds new LinFusion blocks; --adapter brings its own")
     if resume:
         saved = _read_run_config(out)
-        saved_settings = {k: saved.get(k) for k in settings}
+        saved_settings = {k: saved.get(k, SETTINGS_ADDED_LATER.get(k)) for k in settings}
         differences = [
             f"{k}: {saved_settings[k]!r} then, {v!r} now"
             for k, v in settings.items()
@@ -453,7 +465,7 @@ def distill(
     for component in pipe.components.values():  # VAE and text encoders frozen; mount freezes the denoiser
         if isinstance(component, nn.Module):
             component.requires_grad_(False)
-    blocks, new = _starting_adapter(pipe, folder, adapter, config)
+    blocks, new = _starting_adapter(pipe, folder, adapter, config, model_name_or_path(model, folder))
     blocks.mount(pipe, dtype=torch.float32)
     pipe.to(accelerator.device)
     fit_start = config.init == "teacher" and config.mixer == "deltaconv" and config.calibration_samples > 0
@@ -573,10 +585,10 @@ def _trackers(accelerator: Any, config: DistillConfig, out: Path, settings: dict
 
 
 def _starting_adapter(
-    pipe: Any, folder: Any, adapter: str | Path | None, config: DistillConfig
+    pipe: Any, folder: Any, adapter: str | Path | None, config: DistillConfig, base_model: str
 ) -> tuple[DeltaConvAdapter, bool]:
-    """A given adapter, the converted folder's own, or new blocks built with the run's settings (then
-    the second value is True)."""
+    """A given adapter, the converted folder's own, or new blocks built with the run's settings and
+    ``base_model`` recorded (then the second value is True)."""
     if adapter is not None or (folder.is_converted and config.mixer == "deltaconv"):
         blocks = adapter_for(adapter if adapter is not None else folder.adapter_path, pipe)
         if blocks.config.mixer != config.mixer:
@@ -586,8 +598,9 @@ def _starting_adapter(
         blocks.check_matches(pipe)
         return blocks, False
     blocks = DeltaConvAdapter.construct_for(
-        pipe, config.kernel_sizes, mixer=config.mixer, gate=config.gate, seed=config.seed, init=config.init
-    )
+        pipe, config.kernel_sizes, mixer=config.mixer, gate=config.gate, seed=config.seed, init=config.init,
+        mid_dim_scale=config.mid_dim_scale, base_model_name_or_path=base_model,
+    )  # fmt: skip
     return blocks, True
 
 

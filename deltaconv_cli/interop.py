@@ -1,15 +1,17 @@
 """Weights other projects release: the ΔConv authors' distilled students (ConvFusion) and LinFusion's
 models, read as adapters and written back in their own layouts (docs/method.md §3).
 
-ConvFusion: one safetensors file of flat keys relative to the student denoiser. Each block sits where
-``attn1`` was (``<block>.conv1.*`` for ``<block>.attn1``): ``conv_up`` [C', C] (our ``proj_in``), per
-scale ``gates.{i}.conv_spatial.weight`` [k, k, C'] (our depthwise ``convs[i]`` as [C', 1, k, k]; a
-``conv_spatial.bias`` [C'] in the authors' first code version), ``conv_out`` [C, n C'/2] (``proj_out``)
-and ``conv_pool`` [C, C] (``proj_global``). Scale i is 2^-i. Any other key replaces that tensor of the
-denoiser, as the authors' loader does. LinFusion: a diffusers ``ModelMixin`` folder whose
-``config.json`` lists ``modules_list`` (``module_name``, ``dim_n``, ``heads``, ``projection_mid_dim``)
-and whose weights are ``{i}.to_q/to_k/to_v.weight``, ``{i}.to_out.0.*`` and the feature maps
-``{i}.to_q_.{0,1,3}.*`` / ``{i}.to_k_.{0,1,3}.*``.
+ConvFusion: one safetensors file of keys relative to the student denoiser, flat or, in files the authors'
+training engine saved before 2025-05-12, nested under ``base:`` (and an EMA copy under ``base_ema:``).
+Each block sits where ``attn1`` was (``<block>.conv1.*`` for ``<block>.attn1``): ``conv_up`` [C', C] (our
+``proj_in``), per scale ``gates.{i}.conv_spatial.weight`` [k, k, C'] (our depthwise ``convs[i]`` as
+[C', 1, k, k]; a ``conv_spatial.bias`` [C'] in the authors' first code version), ``conv_out`` [C, n C'/2]
+(``proj_out``) and ``conv_pool`` [C, C] (``proj_global``). The file does not record the scales: two gates
+are the authors' (1, 1/2), more must be given. Any other key replaces that tensor of the denoiser, as the
+authors' loader does. LinFusion: a diffusers ``ModelMixin`` folder whose ``config.json`` lists
+``modules_list`` (``module_name``, ``dim_n``, ``heads``, ``projection_mid_dim``) and whose weights are
+``{i}.to_q/to_k/to_v.weight``, ``{i}.to_out.0.*`` and the feature MLPs ``{i}.to_q_.{0,1,3}.*`` /
+``{i}.to_k_.{0,1,3}.*`` (absent where ``projection_mid_dim`` is -1).
 """
 
 from __future__ import annotations
@@ -27,17 +29,26 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .architectures import denoiser_of, family_for
+from .architectures import FAMILIES, denoiser_of, family_for
 from .errors import DeltaConvError
+from .linfusion import NO_FEATURE_MLP
 from .loading import ADAPTER_DIR, PICKLE_SUFFIXES, load_adapter, looks_like_path
 from .surgery import DeltaConvAdapter, find_self_attention_sites
 
 FORMATS = ("deltaconv", "convfusion", "linfusion")
 EXPORT_FORMATS = ("convfusion", "linfusion")
-_CONVFUSION_KEY = re.compile(r"^(?P<site>.+)\.conv1\.(?P<rest>.+)$")
-_CONVFUSION_PARTS = re.compile(
+CONVFUSION_KEY = re.compile(r"^(?P<site>.+)\.conv1\.(?P<rest>.+)$")
+CONVFUSION_PARTS = re.compile(
     r"^(conv_up|conv_out|conv_pool)\.(weight|bias)$|^gates\.(\d+)\.conv_spatial\.(weight|bias)$"
 )
+# RainbowNekoEngine's SafeTensorFormat joins nested dict keys with ":"; its checkpoints nested the model under
+# "base" and its EMA copy under "base_ema" until 2025-05-12 (docs/method.md §3).
+NESTING_SEPARATOR = ":"
+MODEL_COPY, EMA_COPY = "base", "base_ema"
+AUTHORS_SCALES = (1.0, 0.5)  # the scales the authors' block builds (models/block_conv.py)
+SCALES_METADATA = "deltaconv_scales"  # our exports record their scales here; the authors' loader ignores it
+BASE_METADATA = "deltaconv_base_model"  # and the model the blocks were made for, where known
+
 _LINFUSION_KEY = re.compile(r"^(?P<index>\d+)\.(?P<rest>.+)$")
 # LinFusion's parameter names and ours (LinFusionAttention), per replaced self-attention.
 _LINFUSION_NAMES = {
@@ -60,6 +71,54 @@ class ImportedWeights:
     adapter: DeltaConvAdapter
     replaced: dict[str, torch.Tensor] = field(default_factory=dict)  # other denoiser tensors (ConvFusion)
     kept_attention: list[str] = field(default_factory=list)  # self-attention sites the file leaves alone
+    key_nesting: str | None = None  # ConvFusion: the copy read, "base" or "base_ema"; None for flat keys
+    scales_from: str | None = None  # ConvFusion: where the scales came from (the file does not say)
+    base_model: str | None = None  # the model the blocks were made for, where known
+    base_model_note: str | None = None  # which model they belong on, for reports
+
+
+BASE_NOTES = {"Lykon/DreamShaper": "its diffusers weights are the DreamShaper 7 upload, not DreamShaper 8"}
+PIXART_1024_NOTE = (
+    "the authors' pixart1024 students have no single base model: one training config distils "
+    "PixArt-Sigma-XL-2-1024-MS, another trains the 512-MS weights at 1024 px, and their inference config "
+    "builds the student from the 512-MS transformer inside the 1024-MS pipeline (docs/method.md §3)"
+)
+
+
+def released_base(family: str, file_name: str) -> str | None:
+    """The model the authors distilled a released ConvFusion student of ``family`` from; None for their
+    pixart1024 files, where their own configs disagree (:data:`PIXART_1024_NOTE`)."""
+    if family == "pixart" and "1024" in file_name:
+        return None
+    return FAMILIES[family].released_base
+
+
+def base_model_note(base: str | None) -> str | None:
+    """ "made for BASE", with what users should know about that model."""
+    if base is None:
+        return None
+    return f"made for {base}" + (f" ({BASE_NOTES[base]})" if base in BASE_NOTES else "")
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """``"1,1/2,1/3"`` (fractions are read exactly as the authors' code writes them) or ``"1,0.5"``."""
+    scales = []
+    for item in text.split(","):
+        top, _, bottom = item.strip().partition("/")
+        try:
+            value = float(top) / float(bottom) if bottom else float(top)
+        except (ValueError, ZeroDivisionError):
+            raise DeltaConvError(
+                f"--scales takes numbers or fractions such as 1,1/2,1/3; got {text!r}"
+            ) from None
+        if not 0.0 < value <= 1.0:
+            raise DeltaConvError(f"every scale must be in (0, 1], got {item.strip()} in {text!r}")
+        scales.append(value)
+    return tuple(scales)
+
+
+def _scales_example(count: int) -> str:
+    return ",".join(["1", *(f"1/{i}" for i in range(2, count + 1))])
 
 
 def weights_format(path: Path) -> str:
@@ -91,12 +150,68 @@ def weights_format(path: Path) -> str:
     raise DeltaConvError(f"{config} is neither a LinFusion nor a deltaconv adapter config")
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, group: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of ``path`` (only those nested under ``group``, without its prefix) and its metadata."""
+    prefix = "" if group is None else group + NESTING_SEPARATOR
     try:
         with safe_open(str(path), framework="pt") as file:
-            return {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 - safe_open API
+            tensors = {key.removeprefix(prefix): file.get_tensor(key)
+                       for key in file.keys() if key.startswith(prefix)}  # noqa: SIM118 - safe_open API # fmt: skip
+            return tensors, file.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise DeltaConvError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, str]]:
+    """``{key: (dtype, shape)}`` and the metadata of a safetensors file, from its header alone."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            entries = {}
+            for key in file.keys():  # noqa: SIM118 - safe_open is not a mapping
+                piece = file.get_slice(key)
+                entries[key] = (piece.get_dtype(), list(piece.get_shape()))
+            return entries, file.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise DeltaConvError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+
+
+def key_groups(keys: list[str], file: str) -> list[str]:
+    """The groups ConvFusion keys are nested under (``[]`` for flat keys, else some of ``base`` and
+    ``base_ema``); one clear line for any other nesting."""
+    nested = [key for key in keys if NESTING_SEPARATOR in key]
+    if not nested:
+        return []
+    flat = [key for key in keys if NESTING_SEPARATOR not in key]
+    if flat:
+        raise DeltaConvError(
+            f"{file} mixes flat keys ({flat[0]}) with nested ones ({nested[0]}); ConvFusion files have "
+            f"one or the other"
+        )
+    deep = next((key for key in nested if key.count(NESTING_SEPARATOR) > 1), None)
+    groups = sorted({key.split(NESTING_SEPARATOR, 1)[0] for key in nested})
+    other = [group for group in groups if group not in (MODEL_COPY, EMA_COPY)]
+    if other or deep:
+        example = next((k for k in nested if k.startswith(f"{other[0]}:")), "") if other else deep
+        found = f"keys nested under {other[0]!r} ({example})" if other else f"a key nested two deep ({deep})"
+        raise DeltaConvError(
+            f"{file} has {found}; ConvFusion files have flat keys, or the model under 'base:' and its EMA "
+            "copy under 'base_ema:'"
+        )
+    return groups
+
+
+def _chosen_copy(groups: list[str], file: str, ema: bool) -> str | None:
+    """Which nested copy to read: the model (``base``), or its EMA copy when asked for."""
+    if ema and EMA_COPY not in groups:
+        held = "flat keys" if not groups else "keys under base: only"
+        raise DeltaConvError(f"{file} has no EMA copy (no base_ema: keys; it has {held}): leave out --ema")
+    if ema:
+        return EMA_COPY
+    if groups and MODEL_COPY not in groups:
+        raise DeltaConvError(
+            f"{file} holds only an EMA copy (base_ema: keys); read it with convert --weights {file} --ema"
+        )
+    return MODEL_COPY if groups else None
 
 
 HUB_PREFIX = "hf://"
@@ -144,30 +259,76 @@ def _download_weights(spec: str) -> Path:
         ) from None
 
 
-def read_weights(source: str | Path, model: Any) -> ImportedWeights:
+def read_weights(
+    source: str | Path, model: Any, *, ema: bool = False, scales: tuple[float, ...] | None = None
+) -> ImportedWeights:
     """The adapter (and, for ConvFusion, the other denoiser tensors) in ``source`` for ``model``
-    (pipeline or denoiser, weights may be on the meta device), whatever its layout."""
+    (pipeline or denoiser, weights may be on the meta device, blocks may be mounted), whatever its layout.
+
+    ConvFusion only: ``ema`` reads the EMA copy (``base_ema:`` keys) of a nested file instead of the model
+    (``base:``); ``scales`` gives the blocks' scales, which the file does not record (needed for more than
+    two gates per block: the authors' README example uses ``(1, 1/2, 1/3)``).
+    """
     path = locate_weights(source)
     kind = weights_format(path)
+    if kind != "convfusion" and (ema or scales is not None):
+        given = "--ema" if ema else "--scales"
+        raise DeltaConvError(f"{given} is for ConvFusion files; {path} is a {kind} folder")
     denoiser = denoiser_of(model)
     if kind == "deltaconv":
         adapter = load_adapter(path)
         adapter.check_matches(denoiser)
-        return ImportedWeights(str(path), kind, adapter)
+        base = adapter.config.base_model_name_or_path
+        return ImportedWeights(
+            str(path), kind, adapter, base_model=base, base_model_note=base_model_note(base)
+        )
     if kind == "linfusion":
         return _read_linfusion(path, denoiser)
-    return _read_convfusion(path, denoiser)
+    return _read_convfusion(path, denoiser, ema, scales)
 
 
-def _read_convfusion(path: Path, denoiser: Any) -> ImportedWeights:
-    tensors = _read_safetensors(path)
+def _convfusion_scales(
+    file: str, count: int, given: tuple[float, ...] | None, metadata: dict[str, str]
+) -> tuple[tuple[float, ...], str]:
+    """The blocks' scales and where they came from: given, recorded by our export, or the authors' two."""
+    if given is not None:
+        if len(given) != count:
+            raise DeltaConvError(
+                f"{file} has {count} gates per block, but --scales gives {len(given)} scales"
+            )
+        return tuple(given), "given"
+    recorded = metadata.get(SCALES_METADATA)
+    if recorded is not None:
+        try:
+            scales = tuple(float(s) for s in json.loads(recorded))
+        except (ValueError, TypeError):
+            scales = ()
+        if not scales or not all(0.0 < s <= 1.0 for s in scales):
+            raise DeltaConvError(f"{file}: its {SCALES_METADATA} metadata is not a list of scales in (0, 1]")
+        if len(scales) == count:
+            return scales, "recorded in the file's metadata by deltaconv export"
+    if count == len(AUTHORS_SCALES):
+        return AUTHORS_SCALES, "two gates: the authors' (1, 1/2)"
+    raise DeltaConvError(
+        f"{file} has {count} gate{'s' if count > 1 else ''} per block, and a ConvFusion file does not record "
+        f"their scales: give them to convert --weights, e.g. --scales {_scales_example(count)} (the authors' "
+        "README example builds 1,1/2,1/3)"
+    )
+
+
+def _read_convfusion(
+    path: Path, denoiser: Any, ema: bool = False, given_scales: tuple[float, ...] | None = None
+) -> ImportedWeights:
+    header, _ = safetensors_header(path)
+    nesting = _chosen_copy(key_groups(list(header), path.name), path.name, ema)
+    tensors, metadata = _read_safetensors(path, nesting)
     family = family_for(denoiser)
     sites = {s.name: s for s in find_self_attention_sites(denoiser)}
     blocks: dict[str, dict[str, torch.Tensor]] = {}
     others = {}
     for key, tensor in tensors.items():
-        match = _CONVFUSION_KEY.match(key)
-        if match is None or not _CONVFUSION_PARTS.match(match["rest"]):  # resnets have a conv1 too
+        match = CONVFUSION_KEY.match(key)
+        if match is None or not CONVFUSION_PARTS.match(match["rest"]):  # resnets have a conv1 too
             others[key] = tensor
             continue
         site = f"{match['site']}.attn1"
@@ -185,16 +346,24 @@ def _read_convfusion(path: Path, denoiser: Any) -> ImportedWeights:
     ratios = {inner / sites[name].channels for name, (_, inner, _) in zip(targets, shapes, strict=True)}
     if len(scales) > 1 or len(ratios) > 1:
         raise DeltaConvError(f"{path.name}: its blocks differ in the number of scales or in C'/C")
+    block_scales, scales_from = _convfusion_scales(path.name, scales.pop(), given_scales, metadata)
+    if SCALES_METADATA in metadata:  # written by deltaconv export, which records the base model beside
+        base = metadata.get(BASE_METADATA)
+        note = base_model_note(base)
+    else:
+        base = released_base(family.name, path.name)
+        note = base_model_note(base) or (PIXART_1024_NOTE if family.name == "pixart" else None)
     adapter = DeltaConvAdapter(
         targets=targets,
         channels=[sites[name].channels for name in targets],
         kernel_sizes=[k for k, _, _ in shapes],
         mixer="deltaconv",
-        scales=tuple(2.0**-i for i in range(scales.pop())),
+        scales=block_scales,
         inter_ratio=ratios.pop(),
         gate=family.released_gate,
         denoiser_class=type(denoiser).__name__,
         family=family.name,
+        base_model_name_or_path=base,
     )
     with torch.no_grad():
         for name, block in zip(targets, adapter.blocks, strict=True):
@@ -208,7 +377,7 @@ def _read_convfusion(path: Path, denoiser: Any) -> ImportedWeights:
                 conv.bias.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
     _check_replacements(path.name, denoiser, others, set(blocks))
     kept = [name for name in sites if name not in blocks]
-    return ImportedWeights(str(path), "convfusion", adapter, others, kept)
+    return ImportedWeights(str(path), "convfusion", adapter, others, kept, nesting, scales_from, base, note)
 
 
 def _convfusion_shapes(
@@ -277,19 +446,47 @@ def _check_replacements(
             )
 
 
-def _read_linfusion(path: Path, denoiser: Any) -> ImportedWeights:
+def linfusion_modules(path: Path) -> list[dict[str, Any]]:
+    """The ``modules_list`` of a LinFusion folder's config, each entry checked for its form."""
     config = json.loads((path / "config.json").read_text())
     modules = config["modules_list"]
+    if not isinstance(modules, list) or not modules:
+        raise DeltaConvError(f"{path}/config.json: modules_list is empty")
+    if config.get("_class_name") == "StableMamba" or not all(isinstance(m, dict) for m in modules):
+        raise DeltaConvError(
+            f"{path}/config.json is an early LinFusion config (class {config.get('_class_name')}, "
+            "modules_list entries as lists) that LinFusion's released code no longer reads: fetch that "
+            "model again (its current config lists each module as an object with module_name and dim_n)"
+        )
+    for entry in modules:
+        width = entry.get("projection_mid_dim")
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int)
+                                  or (width < 1 and width != NO_FEATURE_MLP)):  # fmt: skip
+            raise DeltaConvError(
+                f"LinFusion module {entry.get('module_name')}: projection_mid_dim {width!r} is not a width "
+                "(a positive number, null for dim_n, or -1 for no feature MLP)"
+            )
+    return modules
+
+
+def _mid_dims(modules: list[dict[str, Any]]) -> list[int] | None:
+    """The adapter's ``projection_mid_dims`` for LinFusion entries (None where every one is the default)."""
+    widths = [m.get("projection_mid_dim") for m in modules]
+    if all(w is None or w == m["dim_n"] for w, m in zip(widths, modules, strict=True)):
+        return None
+    return [m["dim_n"] if w is None else w for w, m in zip(widths, modules, strict=True)]
+
+
+def _read_linfusion(path: Path, denoiser: Any) -> ImportedWeights:
+    modules = linfusion_modules(path)
     weights = path / SAFETENSORS_WEIGHTS_NAME
     if not weights.is_file():
         pickled = [f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES]
         extra = f" (it has {pickled[0]}, a pickle file, which is not read)" if pickled else ""
         raise DeltaConvError(f"LinFusion folder {path} has no {SAFETENSORS_WEIGHTS_NAME}{extra}")
     sites = {s.name: s for s in find_self_attention_sites(denoiser)}
-    if not isinstance(modules, list) or not modules:
-        raise DeltaConvError(f"{path}/config.json: modules_list is empty")
     for entry in modules:
-        name = entry.get("module_name") if isinstance(entry, dict) else None
+        name = entry.get("module_name")
         if name not in sites:
             raise DeltaConvError(
                 f"LinFusion module {name} is not a self-attention of this {type(denoiser).__name__}: "
@@ -301,12 +498,7 @@ def _read_linfusion(path: Path, denoiser: Any) -> ImportedWeights:
                 f"LinFusion module {name} has dim_n {entry.get('dim_n')} and {entry.get('heads')} heads, the "
                 f"base model {site.channels} channels and {site.heads} heads: they do not match"
             )
-        if entry.get("projection_mid_dim") not in (None, site.channels):
-            raise DeltaConvError(
-                f"LinFusion module {name}: projection_mid_dim {entry['projection_mid_dim']} is not supported "
-                "(only the default, equal to dim_n)"
-            )
-    tensors = _read_safetensors(weights)
+    tensors, _ = _read_safetensors(weights)
     adapter = DeltaConvAdapter(
         targets=[m["module_name"] for m in modules],
         channels=[m["dim_n"] for m in modules],
@@ -315,7 +507,9 @@ def _read_linfusion(path: Path, denoiser: Any) -> ImportedWeights:
         mixer="linfusion",
         denoiser_class=type(denoiser).__name__,
         family=family_for(denoiser).name,
+        projection_mid_dims=_mid_dims(modules),
     )
+    expected = adapter.state_dict()
     state = {}
     for key, tensor in tensors.items():
         match = _LINFUSION_KEY.match(key)
@@ -323,23 +517,33 @@ def _read_linfusion(path: Path, denoiser: Any) -> ImportedWeights:
         if ours is None or int(match["index"]) >= len(modules):
             raise DeltaConvError(f"{weights.name}: {key} is not a tensor of a LinFusion module")
         state[f"blocks.{match['index']}.{ours}"] = tensor
-    expected = adapter.state_dict()
+        if f"blocks.{match['index']}.{ours}" not in expected:
+            width = modules[int(match["index"])].get("projection_mid_dim")
+            raise DeltaConvError(f"{weights.name}: {key} has no place in module {match['index']}, whose "
+                                 f"projection_mid_dim is {width} (no feature MLP)")  # fmt: skip
     missing = sorted(set(expected) - set(state))
     if missing:
         index, name = missing[0].split(".", 2)[1:]
         raise DeltaConvError(f"{weights.name}: {index}.{_LINFUSION_THEIRS[name]} is missing")
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
-            raise DeltaConvError(f"{weights.name}: a tensor for {key} has shape {list(tensor.shape)}")
+            index, name = key.split(".", 2)[1:]
+            raise DeltaConvError(
+                f"{weights.name}: {index}.{_LINFUSION_THEIRS[name]} is {list(tensor.shape)}, expected "
+                f"{list(expected[key].shape)} from config.json (dim_n, projection_mid_dim)"
+            )
     adapter.load_state_dict(state)
     kept = [name for name in sites if name not in adapter.config.targets]
     return ImportedWeights(str(path), "linfusion", adapter, {}, kept)
 
 
-def adapter_for(source: str | Path, model: Any) -> DeltaConvAdapter:
-    """The blocks in ``source`` (any layout of :data:`FORMATS`) for ``model``; a ConvFusion file that also
-    replaces other denoiser tensors has to be imported into a model folder with ``convert --weights``."""
-    imported = read_weights(source, model)
+def adapter_for(
+    source: str | Path, model: Any, *, ema: bool = False, scales: tuple[float, ...] | None = None
+) -> DeltaConvAdapter:
+    """The blocks in ``source`` (any layout of :data:`FORMATS`, options as :func:`read_weights`) for
+    ``model``; a ConvFusion file that also replaces other denoiser tensors has to be imported into a model
+    folder with ``convert --weights``."""
+    imported = read_weights(source, model, ema=ema, scales=scales)
     if imported.replaced:
         example = next(iter(imported.replaced))
         raise DeltaConvError(
@@ -387,7 +591,10 @@ def export_adapter(
     report = ExportReport(str(source), fmt, str(out), len(adapter.blocks), 0)
     if fmt == "convfusion":
         tensors = _convfusion_tensors(adapter, report.notes)
-        _write_atomically(out, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        metadata = {"format": "pt", SCALES_METADATA: json.dumps(list(adapter.config.scales))}
+        if adapter.config.base_model_name_or_path:
+            metadata[BASE_METADATA] = adapter.config.base_model_name_or_path
+        _write_atomically(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     else:
         tensors, config = _linfusion_layout(adapter)
 
@@ -403,12 +610,6 @@ def export_adapter(
 
 def _convfusion_tensors(adapter: DeltaConvAdapter, notes: list[str]) -> dict[str, torch.Tensor]:
     config = adapter.config
-    powers = tuple(2.0**-i for i in range(len(config.scales)))
-    if tuple(config.scales) != powers:
-        raise DeltaConvError(
-            f"ConvFusion files do not record scales and are read as {powers}; "
-            f"these blocks use {tuple(config.scales)}"
-        )
     tensors: dict[str, torch.Tensor] = {}
     with_bias = any(conv.bias.abs().max() > 0 for block in adapter.blocks for conv in block.convs)
     for target, block in zip(config.targets, adapter.blocks, strict=True):
@@ -431,6 +632,11 @@ def _convfusion_tensors(adapter: DeltaConvAdapter, notes: list[str]) -> dict[str
             "the authors' first code version (their later blocks have no such tensor)"
         )
     notes.append(f"kernel sizes per block: {sorted(set(config.kernel_sizes))}; scales {tuple(config.scales)}")
+    if tuple(config.scales) != AUTHORS_SCALES:
+        notes.append(
+            f"scales {tuple(config.scales)} are not the authors' (1, 1/2): build their blocks with these "
+            "scales (only this file's metadata records them, and their loader does not read it)"
+        )
     return {key: tensor.contiguous() for key, tensor in tensors.items()}
 
 
@@ -446,9 +652,12 @@ def _linfusion_layout(adapter: DeltaConvAdapter) -> tuple[dict[str, torch.Tensor
     for i, block in enumerate(adapter.blocks):
         for name, tensor in block.state_dict().items():
             tensors[f"{i}.{_LINFUSION_THEIRS[name]}"] = tensor.detach().float().contiguous()
+    widths = config.projection_mid_dims or [None] * len(config.targets)
     modules = [
-        {"module_name": target, "dim_n": channels, "heads": heads, "projection_mid_dim": None}
-        for target, channels, heads in zip(config.targets, config.channels, config.heads, strict=True)
+        {"module_name": target, "dim_n": channels, "heads": heads, "projection_mid_dim": width}
+        for target, channels, heads, width in zip(
+            config.targets, config.channels, config.heads, widths, strict=True
+        )  # fmt: skip
     ]
     return tensors, {
         "_class_name": "LinFusion",

@@ -136,6 +136,18 @@ def locate_model(source: str | Path, *, config_only: bool = False) -> ModelFolde
     return folder
 
 
+def model_name_or_path(source: str | Path, folder: ModelFolder) -> str:
+    """What to record as the model a folder came from: its hub id where one is known (``source`` itself,
+    or read from a hub-cache path ``models--owner--name``), ``demo``, else the folder's absolute path."""
+    text = str(source)
+    if text == DEMO or (not looks_like_path(text) and not Path(text).expanduser().exists()):
+        return text
+    cached = next((part for part in folder.path.absolute().parts if part.startswith("models--")), None)
+    if cached is not None:
+        return cached.removeprefix("models--").replace("--", "/", 1)
+    return str(folder.path.resolve())
+
+
 def locate_pipeline(source: str | Path, needs: str, *, config_only: bool = False) -> ModelFolder:
     """``locate_model`` for work that needs the whole pipeline; ``needs`` names that work in the error
     a bare denoiser folder gets."""

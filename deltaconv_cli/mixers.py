@@ -27,7 +27,7 @@ class Mixer:
     Attributes:
         name: the name in adapter configs, recipes and ``--mixer``.
         label: its name in tables and plots.
-        build: ``(channels, heads, kernel_size, qkv_bias, **options) -> module`` mapping a
+        build: ``(channels, heads, kernel_size, mid_dim, qkv_bias, **options) -> module`` mapping a
             ``(B, H, W, C)`` grid to a grid of the same shape; ``options`` are the adapter's ``scales``,
             ``inter_ratio`` and ``gate``.
         initialisers: how a new module starts, by the name of the initialisation (:data:`INITS`):
@@ -35,6 +35,8 @@ class Mixer:
             no-op keeps PyTorch's random initialisation).
         per_site: the adapter config lists (besides ``channels``) each module needs: ``kernel_sizes``
             and/or ``heads``.
+        optional_per_site: per-site lists a module may be given (``projection_mid_dims``: LinFusion's
+            feature-MLP widths, where they are not the default).
     """
 
     name: str
@@ -42,16 +44,17 @@ class Mixer:
     build: Callable[..., nn.Module]
     initialisers: dict[str, Callable[[nn.Module, nn.Module], None]]
     per_site: tuple[str, ...]
+    optional_per_site: tuple[str, ...] = ()
 
 
-def _deltaconv(channels: int, heads: int | None, kernel_size: int | None, qkv_bias: bool,
-               **options: Any) -> DeltaConvBlock:  # fmt: skip
+def _deltaconv(channels: int, heads: int | None, kernel_size: int | None, mid_dim: int | None,
+               qkv_bias: bool, **options: Any) -> DeltaConvBlock:  # fmt: skip
     return DeltaConvBlock(channels, kernel_size, **options)
 
 
-def _linfusion(channels: int, heads: int | None, kernel_size: int | None, qkv_bias: bool,
-               **options: Any) -> LinFusionAttention:  # fmt: skip
-    return LinFusionAttention(channels, heads, channels // heads, qkv_bias)
+def _linfusion(channels: int, heads: int | None, kernel_size: int | None, mid_dim: int | None,
+               qkv_bias: bool, **options: Any) -> LinFusionAttention:  # fmt: skip
+    return LinFusionAttention(channels, heads, channels // heads, qkv_bias, mid_dim)
 
 
 def _random_start(module: nn.Module, attention: nn.Module) -> None:
@@ -100,7 +103,7 @@ def _copy_projections(module: nn.Module, attention: nn.Module) -> None:
     module.copy_projections(attention)
 
 
-INITS = ("teacher", "random")  # from the attention it replaces, or the mixer authors' own start
+INITS = ("teacher", "random")  # ΔConv: from the attention it replaces, or the ΔConv authors' start
 MIXERS: dict[str, Mixer] = {
     "deltaconv": Mixer(
         "deltaconv",
@@ -109,9 +112,15 @@ MIXERS: dict[str, Mixer] = {
         {"teacher": _from_attention, "random": _random_start},
         ("kernel_sizes",),
     ),
-    # LinFusion's own start already comes from the attention: both names copy its projections.
+    # Both names copy the attention's projections into LinFusion's blocks: that start is ours (LinFusion's
+    # trainer starts from random projections), kept for "random" too so that --init changes only ΔConv.
     "linfusion": Mixer(
-        "linfusion", "LinFusion", _linfusion, dict.fromkeys(INITS, _copy_projections), ("heads",)
+        "linfusion",
+        "LinFusion",
+        _linfusion,
+        dict.fromkeys(INITS, _copy_projections),
+        ("heads",),
+        ("projection_mid_dims",),
     ),
 }
 

@@ -195,7 +195,7 @@ def parse_resolution(text: str) -> tuple[int, int]:
 def _mixers(channels: int, heads: int, kernel_size: int, attention: nn.Module) -> dict[str, nn.Module]:
     """The original attention and every mixer of :data:`~deltaconv_cli.mixers.MIXERS` for one site."""
     bias = attention.to_q.bias is not None
-    return {"attention": attention, **{name: kind.build(channels, heads, kernel_size, bias)
+    return {"attention": attention, **{name: kind.build(channels, heads, kernel_size, None, bias)
                                        for name, kind in MIXER_KINDS.items()}}  # fmt: skip
 
 

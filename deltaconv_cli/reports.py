@@ -179,9 +179,12 @@ def convert_report(report: Any) -> Rendered:
         start += (f", fitted to the teacher on {fit['samples']} images of {fit['data']} at "
                   f"{len(fit['timesteps'])} timesteps in {fit['seconds']:.0f} s "
                   f"({fit['summary']})")  # fmt: skip
+    if report.base_model and not report.imported:
+        start += f"\nbase model: {report.base_model}"
     return [
         table(title, columns, report.layers),
         start,
+        *(f"warning: {warning}" for warning in report.warnings),
         f"parameters: {report.params_before:,} before, {report.params_after:,} after "
         f"(attention {report.params_removed:,} removed, {MIXER_LABELS[report.mixer]} blocks "
         f"{report.params_added:,} added)\n"
@@ -191,10 +194,13 @@ def convert_report(report: Any) -> Rendered:
 
 def _imported_lines(report: Any) -> str:
     """Where imported blocks came from, what else they replaced and what they left alone."""
-    from .architectures import FAMILIES
-
     imported = report.imported
-    lines = [f"blocks imported from {imported['source']} ({imported['format']} layout)"]
+    read = {"base": ", the model's copy (base:)", "base_ema": ", the EMA copy (base_ema:)"}
+    lines = [f"blocks imported from {imported['source']} ({imported['format']} layout"
+             f"{read.get(imported.get('key_nesting'), '')})"]  # fmt: skip
+    if imported.get("scales_from"):
+        scales = ", ".join(f"{s:g}" for s in imported["scales"])
+        lines.append(f"scales ({scales}): {imported['scales_from']}")
     replaced = imported["replaced_tensors"]
     if replaced:
         shown = ", ".join(replaced[:3]) + (", ..." if len(replaced) > 3 else "")
@@ -203,10 +209,8 @@ def _imported_lines(report: Any) -> str:
         )
     if imported["kept_attention"]:
         lines.append(f"kept the original self-attention at {plural(len(imported['kept_attention']), 'site')}")
-    base = FAMILIES[report.family].released_base
-    if imported["format"] == "convfusion" and base:
-        lines.append(f"the authors' released {report.family} students were distilled from {base}: "
-                     "their files belong on it")  # fmt: skip
+    if imported.get("base_model_note"):
+        lines.append(f"base model: {imported['base_model_note']}")
     return "\n".join(lines)
 
 
@@ -312,3 +316,35 @@ def analyze_report(report: Any, paths: dict[str, Path]) -> Rendered:
         f"wrote {', '.join(str(p) for p in paths.values())}",
         f"use them with: deltaconv convert {report.model} -o OUT --kernel-sizes {paths['kernel_sizes.json']}",
     ]
+
+
+def inspect_report(report: Any) -> Rendered:
+    """``inspect``: the layout a weights file is recognised as, its tensors by module, what convert does."""
+    nesting = " and ".join(f"{group}:" for group in report.key_nesting) or "flat"
+    facts = [
+        ("format", report.format + (f" ({report.mixer} blocks)" if report.format == "deltaconv" else "")),
+        ("family", report.family or "unknown"),
+        ("blocks", str(report.blocks)),
+        ("channels", ", ".join(map(str, report.channels)) or "-"),
+        ("kernel sizes", ", ".join(map(str, report.kernel_sizes)) or "-"),
+        ("gates per block", "-" if report.gates is None else str(report.gates)),
+        ("scales", "not recorded" if report.scales is None else ", ".join(f"{s:g}" for s in report.scales)),
+        (
+            "feature MLP widths",
+            ", ".join("dim_n" if w is None else str(w) for w in report.projection_mid_dims)
+            if report.projection_mid_dims
+            else "-",
+        ),  # fmt: skip
+        ("dtypes", ", ".join(f"{dtype} ({count})" for dtype, count in report.dtypes.items())),
+        ("key nesting", nesting if report.format == "convfusion" else "-"),
+        ("base model", report.base_model or "not known"),
+        ("size", f"{plural(report.tensors, 'tensor')}, {human_bytes(report.bytes)}"),
+    ]
+    layout = table(report.source, [("", lambda row: row[0]), ("", lambda row: row[1])], facts, left=2)
+    columns: list[Column] = [
+        ("module", lambda group: group.module),
+        ("convert --weights", lambda group: group.action),
+        ("tensors", lambda group: str(group.tensors)),
+        ("size", lambda group: human_bytes(group.bytes)),
+    ]
+    return [layout, table("tensors by module", columns, report.groups, left=2), *report.notes]

@@ -46,8 +46,15 @@ def _stage_of(name: str) -> str:
     return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
 
 
+def self_attention(denoiser: nn.Module, name: str) -> nn.Module:
+    """The self-attention module at ``name``: the original one where blocks are mounted in its place."""
+    module = denoiser.get_submodule(name)
+    return module.original if isinstance(module, ReplacedSelfAttention) else module
+
+
 def find_self_attention_sites(model: Any) -> list[SelfAttentionSite]:
-    """Every self-attention of every transformer block of a supported denoiser, in forward order."""
+    """Every self-attention of every transformer block of a supported denoiser, in forward order (the
+    base model's, also where blocks are mounted in their place)."""
     denoiser = denoiser_of(model)
     carriers = family_for(denoiser).grid_sources
     grid_sources = {name: module for name, module in denoiser.named_modules() if isinstance(module, carriers)}
@@ -55,9 +62,7 @@ def find_self_attention_sites(model: Any) -> list[SelfAttentionSite]:
     for name, module in denoiser.named_modules():
         if not isinstance(module, BasicTransformerBlock):
             continue
-        attn = module.attn1
-        if isinstance(attn, ReplacedSelfAttention):
-            raise DeltaConvError("this model already has ΔConv blocks mounted; unmount them first")
+        attn = self_attention(module, "attn1")
         if module.only_cross_attention or attn.is_cross_attention:
             continue
         source = max((s for s in grid_sources if s == "" or name.startswith(s + ".")), key=len)
@@ -132,6 +137,31 @@ def read_kernel_sizes_file(path: Path) -> dict[str, int]:
     if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
         raise DeltaConvError(f"{path} must hold a JSON object mapping stage or layer names to integers")
     return data
+
+
+def projection_mid_dims(mixer: str, mid_dim_scale: int, channels: Sequence[int]) -> list[int] | None:
+    """LinFusion's feature-MLP width per site for ``mid_dim_scale`` (see
+    :meth:`DeltaConvAdapter.construct_for`); None for the default, full width."""
+    if (
+        isinstance(mid_dim_scale, bool)
+        or not isinstance(mid_dim_scale, int)
+        or not (mid_dim_scale >= 1 or mid_dim_scale == -1)
+    ):
+        raise DeltaConvError(
+            f"mid_dim_scale must be a whole number >= 1, or -1 (no MLP), got {mid_dim_scale!r}"
+        )
+    if mid_dim_scale == 1:
+        return None
+    if "projection_mid_dims" not in get_mixer(mixer).optional_per_site:
+        raise DeltaConvError(f"mid_dim_scale sets LinFusion's feature MLPs; {mixer} blocks have none")
+    if mid_dim_scale == -1:
+        return [-1 for _ in channels]
+    narrow = [c for c in channels if c < mid_dim_scale]
+    if narrow:
+        raise DeltaConvError(
+            f"mid_dim_scale {mid_dim_scale} leaves no width for a site of {narrow[0]} channels"
+        )
+    return [c // mid_dim_scale for c in channels]
 
 
 class TokenGrid:
@@ -252,6 +282,10 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         gate (`str`, defaults to `"scaled"`): ``"scaled"`` or ``"sigmoid"`` (docs/method.md §1.1).
         denoiser_class (`str`): class name of the denoiser it was built for.
         family (`str`): that denoiser's family (``"sd"``, ``"sdxl"``, ``"pixart"``, ...).
+        projection_mid_dims (`list[int]`, *optional*): LinFusion's feature-MLP hidden width per target
+            (its ``projection_mid_dim``; -1: no MLP); None: as wide as the target's channels.
+        base_model_name_or_path (`str`, *optional*): the model the blocks were made for, where known (a
+            hub id or a local folder), like PEFT's field of that name.
     """
 
     config_name = "config.json"
@@ -270,18 +304,27 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         gate: str = "scaled",
         denoiser_class: str = "UNet2DConditionModel",
         family: str = "sd",
+        projection_mid_dims: list[int] | None = None,
+        base_model_name_or_path: str | None = None,
     ) -> None:
         super().__init__()
         kind = get_mixer(mixer)
-        per_site = {"channels": channels, "kernel_sizes": kernel_sizes, "heads": heads}
+        per_site = {"channels": channels, "kernel_sizes": kernel_sizes, "heads": heads,
+                    "projection_mid_dims": projection_mid_dims}  # fmt: skip
         for name in ("channels", *kind.per_site):
             if per_site[name] is None or len(per_site[name]) != len(targets):
                 raise ValueError(f"{mixer} blocks need one of {name} per target ({len(targets)})")
+        for name in ("projection_mid_dims",):
+            if per_site[name] is not None and (name not in kind.optional_per_site
+                                               or len(per_site[name]) != len(targets)):  # fmt: skip
+                raise ValueError(f"{name} needs {mixer} blocks that take it, one per target ({len(targets)})")
         options = {"scales": scales, "inter_ratio": inter_ratio, "gate": gate}
         unused = [None] * len(targets)
         blocks = [
-            kind.build(c, h, k, qkv_bias, **options)
-            for c, h, k in zip(channels, heads or unused, kernel_sizes or unused, strict=True)
+            kind.build(c, h, k, m, qkv_bias, **options)
+            for c, h, k, m in zip(
+                channels, heads or unused, kernel_sizes or unused, projection_mid_dims or unused, strict=True
+            )  # fmt: skip
         ]
         self.blocks = nn.ModuleList(blocks)
         self._mount: _Mount | None = None
@@ -298,6 +341,8 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         gate: str = "scaled",
         seed: int | None = None,
         init: str = "teacher",
+        mid_dim_scale: int = 1,
+        base_model_name_or_path: str | None = None,
     ) -> DeltaConvAdapter:
         """A freshly initialised adapter for every self-attention site of ``model`` (pipeline or denoiser).
 
@@ -305,12 +350,15 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         the initial weights are reproducible without touching the global RNG. ``init`` says how each
         block starts from the attention it replaces (:data:`deltaconv_cli.mixers.INITS`): ``"teacher"``
         (ΔConv: the attention's uniform limit, docs/method.md §1.4) or ``"random"`` (the ΔConv authors'
-        start); LinFusion copies the projections either way, as LinFusion does.
+        start); LinFusion copies the projections either way (our start, docs/method.md §2).
+        ``mid_dim_scale`` (LinFusion only) narrows its feature MLPs to C // mid_dim_scale, as LinFusion's
+        trainer's ``--mid_dim_scale`` does (16 for LinFusion-XL); -1 builds them without MLPs.
         """
         denoiser = denoiser_of(model)
         sites = find_self_attention_sites(denoiser)
         kind = get_mixer(mixer)
         check_init(init)
+        mid_dims = projection_mid_dims(mixer, mid_dim_scale, [s.channels for s in sites])
         sizes = None
         if "kernel_sizes" in kind.per_site:
             sizes = resolve_kernel_sizes(denoiser, kernel_sizes)
@@ -325,13 +373,15 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
                 channels=[s.channels for s in sites],
                 kernel_sizes=sizes,
                 heads=[s.heads for s in sites] if "heads" in kind.per_site else None,
-                qkv_bias=any(denoiser.get_submodule(s.name).to_q.bias is not None for s in sites),
+                qkv_bias=any(self_attention(denoiser, s.name).to_q.bias is not None for s in sites),
                 mixer=mixer,
                 scales=tuple(scales),
                 inter_ratio=inter_ratio,
                 gate=gate,
                 denoiser_class=type(denoiser).__name__,
                 family=family_for(denoiser).name,
+                projection_mid_dims=mid_dims,
+                base_model_name_or_path=base_model_name_or_path,
             )
         return adapter.initialise_from(denoiser, init)
 
@@ -341,7 +391,7 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         denoiser = denoiser_of(model)
         start = get_mixer(self.config.mixer).initialisers[check_init(init)]
         for target, block in zip(self.config.targets, self.blocks, strict=True):
-            attention = denoiser.get_submodule(target)
+            attention = self_attention(denoiser, target)
             if attention.to_v.weight.device.type != "meta":
                 start(block, attention)
         return self
@@ -380,6 +430,11 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         if self._mount is not None:
             raise DeltaConvError("this adapter is already mounted; unmount it first")
         denoiser = denoiser_of(model)
+        if mounted_adapter(denoiser) is not None:
+            raise DeltaConvError(
+                "this model already has ΔConv blocks mounted; unmount them first "
+                "(deltaconv_cli.mounted_adapter(model).unmount())"
+            )
         sites = self.check_matches(denoiser)
         param = next(denoiser.parameters())
         if param.device.type != "meta":

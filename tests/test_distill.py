@@ -275,13 +275,16 @@ def test_clear_errors(saved_pipelines, image_folder, tmp_path):
 
 
 def test_linfusion_baseline_trains_in_the_same_harness(saved_pipelines, image_folder, tmp_path):
-    config = make_config("demo", mixer="linfusion", **TINY)
+    # With LinFusion-XL's narrow feature MLPs (dim_n // 16), as LinFusion's --mid_dim_scale 16 builds them.
+    config = make_config("demo", mixer="linfusion", mid_dim_scale=16, **TINY)
     assert (config.teacher_weight, config.feature_weight, config.feature) == (0.5, 0.5, "attention_output")
     result = distillation.distill(
         str(saved_pipelines["sd1"]), str(image_folder), tmp_path / "lf", config, show_progress=False
     )
     saved = json.loads((result.adapter_path / "config.json").read_text())
     assert saved["mixer"] == "linfusion"
+    assert saved["projection_mid_dims"] == [c // 16 for c in saved["channels"]]
+    assert saved["base_model_name_or_path"] == str(saved_pipelines["sd1"].resolve())
 
 
 @pytest.mark.slow

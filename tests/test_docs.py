@@ -77,3 +77,29 @@ def test_benchmark_tables_piped_into_a_reader_that_stops_end_without_a_traceback
     tables.stdout.close()  # as `head` does once it has its lines; the script is still importing then
     stderr = tables.stderr.read()
     assert (tables.wait(timeout=120), stderr) == (1, "")
+
+
+def test_readme_python_snippet_runs_as_written(saved_pipelines, converted, tmp_path, monkeypatch):
+    """README's "From Python" block, top to bottom, with tiny stand-ins at the paths it names."""
+    import shutil
+
+    from test_interop import convfusion_tensors, linfusion_folder, nested_file
+
+    from deltaconv_cli.loading import load_model, locate_model
+    from deltaconv_cli.surgery import DeltaConvAdapter
+
+    text = (ROOT / "README.md").read_text()
+    snippet = text.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(converted, "sd15-deltaconv")
+    Path("sd15").symlink_to(saved_pipelines["sd1"])
+    unet = load_model(locate_model("sd15")).unet
+    DeltaConvAdapter.construct_for(unet, seed=5).save_pretrained("runs/sd15/adapter")
+    linfusion_folder(unet, tmp_path / "LinFusion-1-5")
+    nested_file(convfusion_tensors(unet, scales=3), "convfusion-sd15.safetensors", ("base", "base_ema"))
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - the documented example itself
+    assert namespace["imported"].key_nesting == "base_ema"
+    assert tuple(namespace["imported"].adapter.config.scales) == (1, 1 / 2, 1 / 3)
+    assert Path("student.safetensors").is_file() and Path("my-adapter/config.json").is_file()
+    assert namespace["dc"].mounted_adapter(namespace["pipe"]).config.mixer == "linfusion"

@@ -49,8 +49,10 @@ def convfusion_tensors(denoiser, *, scales=2, depthwise_bias=False, kernel=3, se
     return tensors
 
 
-def convfusion_reference(tensors: dict, prefix: str, x: torch.Tensor, gate: str) -> torch.Tensor:
-    """The block as the layout describes it, on a (B, H, W, C) grid."""
+def convfusion_reference(
+    tensors: dict, prefix: str, x: torch.Tensor, gate: str, scales: tuple = (1.0, 0.5)
+) -> torch.Tensor:
+    """The block as the layout describes it, on a (B, H, W, C) grid (branch i at ``scales[i]``)."""
     _, height, width, _ = x.shape
     u = F.linear(x, tensors[f"{prefix}.conv_up.weight"], tensors[f"{prefix}.conv_up.bias"]).permute(
         0, 3, 1, 2
@@ -60,14 +62,14 @@ def convfusion_reference(tensors: dict, prefix: str, x: torch.Tensor, gate: str)
     i = 0
     while f"{prefix}.gates.{i}.conv_spatial.weight" in tensors:
         kernel = tensors[f"{prefix}.gates.{i}.conv_spatial.weight"]
-        scale = 2.0**-i
-        pooled = u if i == 0 else F.adaptive_avg_pool2d(u, (int(height * scale), int(width * scale)))
+        scale = scales[i]
+        pooled = u if scale == 1 else F.adaptive_avg_pool2d(u, (int(height * scale), int(width * scale)))
         weight = kernel.permute(2, 0, 1).unsqueeze(1)
         bias = tensors.get(f"{prefix}.gates.{i}.conv_spatial.bias")
         v = F.conv2d(pooled, weight, bias, padding=kernel.shape[0] // 2, groups=inner)
         a, g = v.chunk(2, dim=1)
         z = a * g * math.sqrt(inner / 2) if gate == "scaled" else a * torch.sigmoid(g)
-        if i > 0:
+        if scale != 1:
             z = F.interpolate(z, size=(height, width), mode="bilinear", align_corners=False)
         branches.append(z)
         i += 1
@@ -78,22 +80,162 @@ def convfusion_reference(tensors: dict, prefix: str, x: torch.Tensor, gate: str)
     return local + pooled
 
 
+# The authors' block builds scales (1, 1/2); their README's example (1, 1/2, 1/3), given as --scales.
 @pytest.mark.parametrize("layout", ["sd1", "sdxl", "pixart"])
-@pytest.mark.parametrize("scales,depthwise_bias", [(2, False), (2, True), (3, False), (3, True)])
+@pytest.mark.parametrize(
+    "scales,depthwise_bias",
+    [((1.0, 0.5), False), ((1.0, 0.5), True), ((1.0, 1 / 2, 1 / 3), False), ((1.0, 1 / 2, 1 / 3), True)],
+)
 def test_convfusion_blocks_reproduce_the_reference(layout, scales, depthwise_bias, tmp_path):
     denoiser = tiny_denoiser(layout)
-    tensors = convfusion_tensors(denoiser, scales=scales, depthwise_bias=depthwise_bias, kernel=5)
+    tensors = convfusion_tensors(denoiser, scales=len(scales), depthwise_bias=depthwise_bias, kernel=5)
     save_file(tensors, tmp_path / "student.safetensors")
-    imported = read_weights(tmp_path / "student.safetensors", denoiser)
+    given = scales if len(scales) > 2 else None
+    imported = read_weights(tmp_path / "student.safetensors", denoiser, scales=given)
     adapter = imported.adapter
     assert imported.format == "convfusion" and imported.replaced == {} and imported.kept_attention == []
-    assert adapter.config.gate == GATES[layout] and list(adapter.config.scales) == [1.0, 0.5, 0.25][:scales]
+    assert adapter.config.gate == GATES[layout] and tuple(adapter.config.scales) == scales
+    assert imported.scales_from == ("given" if given else "two gates: the authors' (1, 1/2)")
     assert adapter.config.targets == [s.name for s in find_self_attention_sites(denoiser)]
     generator = torch.Generator().manual_seed(1)
     for target, block in zip(adapter.config.targets, adapter.blocks, strict=True):
         x = torch.randn(2, 9, 7, block.channels, generator=generator)  # odd sizes: floor pooling
-        expected = convfusion_reference(tensors, target.removesuffix(".attn1") + ".conv1", x, GATES[layout])
+        prefix = target.removesuffix(".attn1") + ".conv1"
+        expected = convfusion_reference(tensors, prefix, x, GATES[layout], scales)
         torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scales_a_file_does_not_record_are_asked_for(saved_pipelines, tmp_path):
+    denoiser = tiny_denoiser("sd1")
+    save_file(convfusion_tensors(denoiser, scales=3), tmp_path / "three.safetensors")
+    save_file(convfusion_tensors(denoiser, scales=1), tmp_path / "one.safetensors")
+    base = ["convert", str(saved_pipelines["sd1"]), "-o", str(tmp_path / "out")]
+    cases = [
+        (
+            ["--weights", str(tmp_path / "three.safetensors")],
+            "three.safetensors has 3 gates per block, and a ConvFusion file does not record their "
+            "scales: give them to convert --weights, e.g. --scales 1,1/2,1/3",
+        ),
+        (["--weights", str(tmp_path / "one.safetensors")], "has 1 gate per block"),
+        (
+            ["--weights", str(tmp_path / "three.safetensors"), "--scales", "1,1/2"],
+            "has 3 gates per block, but --scales gives 2 scales",
+        ),
+        (["--weights", str(tmp_path / "three.safetensors"), "--scales", "1,1/0,1/3"], "numbers or fractions"),
+        (["--weights", str(tmp_path / "three.safetensors"), "--scales", "1,2,1/3"], "must be in (0, 1]"),
+        (["--scales", "1,1/2"], "--scales reads released weights: give --weights too"),
+        (["--ema"], "--ema reads released weights: give --weights too"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, [*base, *args])
+        assert result.exit_code == 1 and message in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    given = runner.invoke(
+        app,
+        [*base, "--weights", str(tmp_path / "three.safetensors"), "--scales", "1, 1/2, 1/3", "--json", "-"],
+    )
+    assert given.exit_code == 0, given.output
+    report = json.loads(given.stdout)["imported"]
+    assert report["scales"] == [1.0, 0.5, 1 / 3] and report["scales_from"] == "given"
+    assert DeltaConvAdapter.from_pretrained(tmp_path / "out" / "deltaconv").config.scales == [1.0, 0.5, 1 / 3]
+
+
+# ----------------------------------------------------------------------------------------------- nesting
+
+
+def nested_file(tensors: dict, path, groups=("base",), seed=0) -> dict:
+    """A file as the authors' training engine saved it before 2025-05-12 (RainbowNekoEngine's
+    SafeTensorFormat.unfold_dict of ``{"base": state, "base_ema": ema_state}``): each key of the state under
+    ``<group>:``; the EMA copy holds other values. Returns each group's tensors, flat."""
+    generator = torch.Generator().manual_seed(seed)
+    copies = {
+        group: {
+            k: (v + 0.01 * i * torch.randn(v.shape, generator=generator)).to(v.dtype)
+            for k, v in tensors.items()
+        }
+        for i, group in enumerate(groups)
+    }
+    save_file(
+        {f"{group}:{key}": value for group, state in copies.items() for key, value in state.items()}, path
+    )
+    return copies
+
+
+def test_keys_nested_under_base_are_the_model_and_base_ema_is_read_when_asked(saved_pipelines, tmp_path):
+    base = load_model(locate_model(saved_pipelines["sd1"]))
+    tensors = convfusion_tensors(base.unet)
+    resnet = "down_blocks.0.resnets.0.conv1.weight"
+    tensors[resnet] = torch.randn_like(base.unet.get_submodule(resnet.rsplit(".", 1)[0]).weight)
+    copies = nested_file(tensors, tmp_path / "student.safetensors", ("base", "base_ema"))
+    first = find_self_attention_sites(base.unet)[0].name.removesuffix(".attn1") + ".conv1"
+    for ema, group in ((False, "base"), (True, "base_ema")):
+        imported = read_weights(tmp_path / "student.safetensors", base, ema=ema)
+        assert imported.key_nesting == group and set(imported.replaced) == {resnet}
+        assert torch.equal(
+            imported.adapter.blocks[0].proj_in.weight, copies[group][f"{first}.conv_up.weight"]
+        )
+        assert torch.equal(imported.replaced[resnet], copies[group][resnet])
+    args = [
+        "convert",
+        str(saved_pipelines["sd1"]),
+        "--weights",
+        str(tmp_path / "student.safetensors"),
+        "--ema",
+        "-o",
+        str(tmp_path / "out"),
+    ]
+    result = runner.invoke(app, [*args, "--json", "-"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["imported"]["key_nesting"] == "base_ema"
+    converted = load_model(locate_model(tmp_path / "out"))
+    assert torch.equal(
+        converted.unet.get_submodule(resnet.rsplit(".", 1)[0]).weight, copies["base_ema"][resnet]
+    )
+    shown = runner.invoke(app, args[:-2] + ["-o", str(tmp_path / "shown")])
+    assert "the EMA copy (base_ema:)" in shown.stdout, shown.output
+
+
+@pytest.mark.parametrize(
+    "keys,ema,message",
+    [
+        (
+            lambda k: f"base_ema:{k}",
+            False,
+            "holds only an EMA copy (base_ema: keys); read it with convert --weights odd.safetensors --ema",
+        ),
+        (lambda k: k, True, "has no EMA copy (no base_ema: keys; it has flat keys): leave out --ema"),
+        (lambda k: f"base:{k}", True, "has no EMA copy (no base_ema: keys; it has keys under base: only)"),
+        (lambda k: f"model:{k}", False, "has keys nested under 'model' (model:"),
+        (lambda k: f"base:ema:{k}", False, "has a key nested two deep (base:ema:"),
+        (lambda k: f"base:{k}" if "conv_up" in k else k, False, "mixes flat keys"),
+    ],
+)
+def test_other_nesting_is_one_clear_line(keys, ema, message, saved_pipelines, tmp_path):
+    tensors = convfusion_tensors(tiny_denoiser("sd1"))
+    save_file({keys(key): value for key, value in tensors.items()}, tmp_path / "odd.safetensors")
+    args = ["convert", str(saved_pipelines["sd1"]), "--weights", str(tmp_path / "odd.safetensors")]
+    result = runner.invoke(app, [*args, *(["--ema"] if ema else []), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_nested_import_export_import_keeps_every_tensor_bit_for_bit(ema, tmp_path):
+    denoiser = tiny_denoiser("sdxl")
+    half = {key: value.half() for key, value in convfusion_tensors(denoiser, depthwise_bias=True).items()}
+    copies = nested_file(half, tmp_path / "student.safetensors", ("base", "base_ema"))
+    wanted = copies["base_ema" if ema else "base"]
+    first = read_weights(tmp_path / "student.safetensors", denoiser, ema=ema).adapter
+    first.save_pretrained(tmp_path / "adapter")
+    export_adapter(tmp_path / "adapter", "convfusion", tmp_path / "flat.safetensors")
+    exported = load_file(tmp_path / "flat.safetensors")
+    assert not any(":" in key for key in exported)  # export writes flat keys, as the authors' loader reads
+    assert set(exported) == set(wanted)
+    for key, value in wanted.items():  # fp16 values survive fp32 exactly
+        assert torch.equal(exported[key], value.float()), key
+    again = read_weights(tmp_path / "flat.safetensors", denoiser).adapter
+    for key, value in first.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
 
 
 def test_convfusion_import_into_a_model_folder_replaces_the_other_tensors(saved_pipelines, tmp_path):
@@ -220,25 +362,30 @@ def test_pickles_and_other_files_are_refused(saved_pipelines, tmp_path):
 # ----------------------------------------------------------------------------------------------- LinFusion
 
 
-def linfusion_folder(denoiser, folder, seed=0):
-    """A LinFusion ModelMixin folder for every self-attention of ``denoiser``."""
+def linfusion_folder(denoiser, folder, seed=0, mid_dim_scale=None):
+    """A LinFusion ModelMixin folder for every self-attention of ``denoiser``. As LinFusion's trainer writes
+    it: ``projection_mid_dim`` None (MLP width dim_n), dim_n // mid_dim_scale (its --mid_dim_scale; 16 for
+    LinFusion-XL) or -1 (no MLP: no to_q_/to_k_ tensors)."""
     generator = torch.Generator().manual_seed(seed)
     modules, tensors = [], {}
     for i, site in enumerate(find_self_attention_sites(denoiser)):
         c = site.channels
+        width = None if mid_dim_scale is None else -1 if mid_dim_scale == -1 else c // mid_dim_scale
         modules.append(
-            {"module_name": site.name, "dim_n": c, "heads": site.heads, "projection_mid_dim": None}
+            {"module_name": site.name, "dim_n": c, "heads": site.heads, "projection_mid_dim": width}
         )
         for name in ("to_q", "to_k", "to_v"):
             tensors[f"{i}.{name}.weight"] = torch.randn(c, c, generator=generator) / math.sqrt(c)
         tensors[f"{i}.to_out.0.weight"] = torch.randn(c, c, generator=generator) / math.sqrt(c)
         tensors[f"{i}.to_out.0.bias"] = torch.randn(c, generator=generator)
-        for mlp in ("to_q_", "to_k_"):
-            for j in (0, 3):
-                tensors[f"{i}.{mlp}.{j}.weight"] = torch.randn(c, c, generator=generator) / math.sqrt(c)
-                tensors[f"{i}.{mlp}.{j}.bias"] = torch.randn(c, generator=generator) * 0.1
-            tensors[f"{i}.{mlp}.1.weight"] = 1 + 0.1 * torch.randn(c, generator=generator)
-            tensors[f"{i}.{mlp}.1.bias"] = 0.1 * torch.randn(c, generator=generator)
+        m = c if width is None else width
+        for mlp in ("to_q_", "to_k_") if width != -1 else ():
+            tensors[f"{i}.{mlp}.0.weight"] = torch.randn(m, c, generator=generator) / math.sqrt(c)
+            tensors[f"{i}.{mlp}.0.bias"] = torch.randn(m, generator=generator) * 0.1
+            tensors[f"{i}.{mlp}.1.weight"] = 1 + 0.1 * torch.randn(m, generator=generator)
+            tensors[f"{i}.{mlp}.1.bias"] = 0.1 * torch.randn(m, generator=generator)
+            tensors[f"{i}.{mlp}.3.weight"] = torch.randn(c, m, generator=generator) / math.sqrt(m)
+            tensors[f"{i}.{mlp}.3.bias"] = torch.randn(c, generator=generator) * 0.1
     folder.mkdir(parents=True)
     config = {"_class_name": "LinFusion", "_diffusers_version": "0.30.0", "modules_list": modules}
     (folder / "config.json").write_text(json.dumps(config))
@@ -250,6 +397,8 @@ def linfusion_reference(tensors: dict, i: int, heads: int, tokens: torch.Tensor)
     """LinFusion's generalized linear attention as its layout describes it, on (B, N, C) tokens."""
 
     def mlp(name, x):
+        if f"{i}.{name}.0.weight" not in tensors:  # projection_mid_dim -1: LinFusion's identity
+            return x
         x = F.linear(x, tensors[f"{i}.{name}.0.weight"], tensors[f"{i}.{name}.0.bias"])
         x = F.layer_norm(x, x.shape[-1:], tensors[f"{i}.{name}.1.weight"], tensors[f"{i}.{name}.1.bias"])
         return F.linear(F.leaky_relu(x), tensors[f"{i}.{name}.3.weight"], tensors[f"{i}.{name}.3.bias"])
@@ -268,12 +417,17 @@ def linfusion_reference(tensors: dict, i: int, heads: int, tokens: torch.Tensor)
     return F.linear(out, tensors[f"{i}.to_out.0.weight"], tensors[f"{i}.to_out.0.bias"])
 
 
-@pytest.mark.parametrize("layout", ["sd1", "sd2", "sdxl"])
-def test_linfusion_folders_reproduce_the_reference(layout, tmp_path):
+@pytest.mark.parametrize(
+    "layout,mid_dim_scale",
+    [("sd1", None), ("sd2", None), ("sdxl", None), ("sdxl", 16), ("sd1", 4), ("sd1", -1)],
+)
+def test_linfusion_folders_reproduce_the_reference(layout, mid_dim_scale, tmp_path):
     denoiser = tiny_denoiser(layout)
-    tensors, modules = linfusion_folder(denoiser, tmp_path / "linfusion")
+    tensors, modules = linfusion_folder(denoiser, tmp_path / "linfusion", mid_dim_scale=mid_dim_scale)
     imported = read_weights(tmp_path / "linfusion", denoiser)
     assert imported.format == "linfusion" and imported.adapter.config.mixer == "linfusion"
+    widths = imported.adapter.config.projection_mid_dims
+    assert widths == (None if mid_dim_scale is None else [m["projection_mid_dim"] for m in modules])
     generator = torch.Generator().manual_seed(2)
     for i, (module, block) in enumerate(zip(modules, imported.adapter.blocks, strict=True)):
         x = torch.randn(2, 5, 6, module["dim_n"], generator=generator)
@@ -323,10 +477,27 @@ def test_bad_linfusion_folders_are_one_clear_line(saved_pipelines, tmp_path):
     with pytest.raises(DeltaConvError, match=expected):
         read_weights(tmp_path / "lf", denoiser)
     config["modules_list"][0]["dim_n"] -= 16
-    config["modules_list"][0]["projection_mid_dim"] = -1
+    for width, message in (
+        (0, "projection_mid_dim 0 is not a width"),
+        ("8", "projection_mid_dim '8' is not"),
+        (-1, r"0\.to_[qk]_\.[013]\.\w+ has no place in module 0, whose projection_mid_dim is"),
+        (4, r"0\.to_[qk]_\.[013]\.\w+ is \[16(, 16)?\], expected \[4(, 16)?\] from config"),
+    ):
+        config["modules_list"][0]["projection_mid_dim"] = width
+        (tmp_path / "lf" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(DeltaConvError, match=message):
+            read_weights(tmp_path / "lf", denoiser)
+    config["modules_list"][0]["projection_mid_dim"] = None
+    # An early LinFusion-2-1 config: class StableMamba, entries as [module_name, dim_n, heads].
+    early = {
+        "_class_name": "StableMamba",
+        "modules_list": [[m["module_name"], m["dim_n"], m["heads"]] for m in config["modules_list"]],
+    }
+    (tmp_path / "lf" / "config.json").write_text(json.dumps(early))
+    result = runner.invoke(app, [*args[:3], str(tmp_path / "lf"), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "an early LinFusion config (class StableMamba" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     (tmp_path / "lf" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(DeltaConvError, match="projection_mid_dim -1 is not supported"):
-        read_weights(tmp_path / "lf", denoiser)
     (tmp_path / "lf" / "diffusion_pytorch_model.safetensors").rename(
         tmp_path / "lf" / "diffusion_pytorch_model.bin"
     )
@@ -338,9 +509,12 @@ def test_bad_linfusion_folders_are_one_clear_line(saved_pipelines, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "layout,scales", [("sd1", (1.0, 0.5)), ("sdxl", (1.0, 0.5, 0.25)), ("pixart", (1.0, 0.5))]
+    "layout,scales",
+    [("sd1", (1.0, 0.5)), ("sdxl", (1.0, 0.5, 0.25)), ("pixart", (1.0, 0.5)), ("sd1", (1.0, 0.4))],
 )
 def test_export_then_import_is_the_identity_for_convfusion(layout, scales, tmp_path):
+    """Scales other than the authors' (1, 1/2) come back from the file's metadata, where export records them
+    (the authors' loader ignores metadata)."""
     denoiser = tiny_denoiser(layout)
     adapter = DeltaConvAdapter.construct_for(
         denoiser, scales=scales, gate=GATES[layout], seed=3, init="random"
@@ -356,10 +530,65 @@ def test_export_then_import_is_the_identity_for_convfusion(layout, scales, tmp_p
     first = adapter.config.targets[0].removesuffix(".attn1") + ".conv1"
     k = adapter.config.kernel_sizes[0]
     assert keys[f"{first}.gates.0.conv_spatial.weight"].shape == (k, k, adapter.blocks[0].inner_channels)
-    back = read_weights(tmp_path / "student.safetensors", denoiser).adapter
+    assert any("not the authors' (1, 1/2)" in note for note in report.notes) == (scales != (1.0, 0.5))
+    imported = read_weights(tmp_path / "student.safetensors", denoiser)
+    back = imported.adapter
     assert tuple(back.config.scales) == scales and back.config.kernel_sizes == adapter.config.kernel_sizes
+    expected_from = (
+        "two gates: the authors' (1, 1/2)"
+        if len(scales) == 2 and scales == (1.0, 0.5)
+        else "recorded in the file's metadata by deltaconv export"
+    )
+    assert imported.scales_from in (expected_from, "recorded in the file's metadata by deltaconv export")
     for key, value in adapter.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("mid_dim_scale", [16, -1])
+def test_narrow_linfusion_widths_import_export_import_bit_for_bit(mid_dim_scale, tmp_path):
+    denoiser = tiny_denoiser("sdxl")
+    tensors, modules = linfusion_folder(denoiser, tmp_path / "xl", mid_dim_scale=mid_dim_scale)
+    first = read_weights(tmp_path / "xl", denoiser).adapter
+    first.save_pretrained(tmp_path / "adapter")
+    export_adapter(tmp_path / "adapter", "linfusion", tmp_path / "back")
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert [m["projection_mid_dim"] for m in config["modules_list"]] == [
+        m["projection_mid_dim"] for m in modules
+    ]
+    exported = load_file(tmp_path / "back" / "diffusion_pytorch_model.safetensors")
+    assert set(exported) == set(tensors)
+    for key, value in tensors.items():
+        assert torch.equal(exported[key], value), key
+    again = read_weights(tmp_path / "back", denoiser).adapter
+    for key, value in first.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_new_linfusion_blocks_take_linfusion_xl_widths(tmp_path):
+    from deltaconv_cli.distill import DistillConfig
+    from deltaconv_cli.errors import DeltaConvError
+
+    denoiser = tiny_denoiser("sdxl")
+    sites = find_self_attention_sites(denoiser)
+    narrow = DeltaConvAdapter.construct_for(denoiser, mixer="linfusion", mid_dim_scale=16, seed=0)
+    assert narrow.config.projection_mid_dims == [s.channels // 16 for s in sites]
+    assert narrow.blocks[0].mlp_q[0].weight.shape == (sites[0].channels // 16, sites[0].channels)
+    bare = DeltaConvAdapter.construct_for(denoiser, mixer="linfusion", mid_dim_scale=-1)
+    assert not any(".mlp_" in key for key in bare.state_dict())
+    bare.save_pretrained(tmp_path / "bare")
+    assert DeltaConvAdapter.from_pretrained(tmp_path / "bare").config.projection_mid_dims == [-1] * len(sites)
+    for mixer, scale, message in (
+        ("deltaconv", 16, "deltaconv blocks have none"),
+        ("linfusion", 0, "mid_dim_scale must be a whole number >= 1, or -1"),
+        ("linfusion", 64, "leaves no width for a site of 32 channels"),
+    ):
+        with pytest.raises(DeltaConvError, match=message):
+            DeltaConvAdapter.construct_for(denoiser, mixer=mixer, mid_dim_scale=scale)
+    with pytest.raises(DeltaConvError, match="mid_dim_scale sets LinFusion's feature MLPs; deltaconv has"):
+        DistillConfig(mid_dim_scale=16).check()
+    with pytest.raises(DeltaConvError, match="setting mid_dim_scale must be a whole number >= 1, or -1"):
+        DistillConfig(mixer="linfusion", mid_dim_scale=0).check()
+    DistillConfig(mixer="linfusion", mid_dim_scale=16).check()
 
 
 def test_export_then_import_is_the_identity_for_linfusion(saved_pipelines, tmp_path):
@@ -384,12 +613,8 @@ def test_export_then_import_is_the_identity_for_linfusion(saved_pipelines, tmp_p
 
 def test_export_refuses_what_the_other_layout_cannot_hold(tmp_path):
     denoiser = tiny_denoiser("sd1")
-    DeltaConvAdapter.construct_for(denoiser, scales=(1.0, 0.4), init="random").save_pretrained(
-        tmp_path / "odd"
-    )
     DeltaConvAdapter.construct_for(denoiser, init="random").save_pretrained(tmp_path / "plain")
     cases = [
-        (["odd", "--format", "convfusion", "-o", "x.safetensors"], "do not record scales"),
         (["plain", "--format", "linfusion", "-o", "lf"], "holds deltaconv blocks; linfusion takes linfusion"),
         (["plain", "--format", "convfusion", "-o", "x.bin"], "ending in .safetensors"),
         (["plain", "--format", "onnx", "-o", "x"], "format must be one of convfusion, linfusion"),
@@ -400,3 +625,146 @@ def test_export_refuses_what_the_other_layout_cannot_hold(tmp_path):
         )
         assert result.exit_code == 1 and message in result.stderr, result.output
         assert not (tmp_path / args[4]).exists()
+
+
+# ----------------------------------------------------------------------------------------------- base models
+
+
+def test_the_base_model_is_recorded_and_a_different_one_is_warned_about(saved_pipelines, tmp_path):
+    folder = saved_pipelines["sd1"]
+    fresh = runner.invoke(app, ["convert", str(folder), "-o", str(tmp_path / "fresh"), "--json", "-"])
+    assert fresh.exit_code == 0, fresh.output
+    assert json.loads(fresh.stdout)["base_model"] == str(folder.resolve())
+    assert DeltaConvAdapter.from_pretrained(
+        tmp_path / "fresh" / "deltaconv"
+    ).config.base_model_name_or_path == str(folder.resolve())
+    save_file(convfusion_tensors(tiny_denoiser("sd1")), tmp_path / "student.safetensors")
+    # A folder in the hub cache names its model: here another one than the authors' SD1.5 base.
+    cached = tmp_path / "hub" / "models--someone--sd15-finetune" / "snapshots" / "0123abc"
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(folder)
+    args = ["convert", str(cached), "--weights", str(tmp_path / "student.safetensors")]
+    other = runner.invoke(app, [*args, "-o", str(tmp_path / "other"), "--json", "-"])
+    assert other.exit_code == 0, other.output
+    report = json.loads(other.stdout)
+    assert report["base_model"] == "Lykon/DreamShaper"
+    assert report["warnings"] == [
+        "these blocks were made for Lykon/DreamShaper, and MODEL is someone/sd15-finetune: on another model "
+        "they do not compute what their authors measured"
+    ]
+    adapter = DeltaConvAdapter.from_pretrained(tmp_path / "other" / "deltaconv")
+    assert adapter.config.base_model_name_or_path == "Lykon/DreamShaper"
+    shown = runner.invoke(app, [*args, "-o", str(tmp_path / "shown")])
+    assert "warning: these blocks were made for Lykon/DreamShaper" in shown.stdout
+    assert "DreamShaper 7 upload, not DreamShaper 8" in shown.stdout
+    # A local folder's model is not known: no warning, the report names the model the blocks belong on.
+    local = runner.invoke(
+        app,
+        [
+            "convert",
+            str(folder),
+            "--weights",
+            str(tmp_path / "student.safetensors"),
+            "-o",
+            str(tmp_path / "local"),
+            "--json",
+            "-",
+        ],
+    )
+    assert json.loads(local.stdout)["warnings"] == []
+    assert json.loads(local.stdout)["imported"]["base_model_note"].startswith("made for Lykon/DreamShaper")
+
+
+def test_pixart1024_students_have_no_single_base_model(tmp_path):
+    denoiser = tiny_denoiser("pixart")
+    for name, base in (
+        ("ConvFusion-pixart512-laion.safetensors", "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"),
+        ("ConvFusion-pixart1024-laion.safetensors", None),
+    ):
+        save_file(convfusion_tensors(denoiser), tmp_path / name)
+        imported = read_weights(tmp_path / name, denoiser)
+        assert imported.base_model == base and imported.adapter.config.base_model_name_or_path == base
+        if base is None:
+            assert "the 512-MS transformer inside the 1024-MS pipeline" in imported.base_model_note
+
+
+# ----------------------------------------------------------------------------------------------- inspect
+
+
+def test_inspect_reads_the_header_alone_and_says_what_convert_does(saved_pipelines, tmp_path, monkeypatch):
+    import safetensors
+
+    base = load_model(locate_model(saved_pipelines["sd1"]))
+    tensors = convfusion_tensors(base.unet, scales=3)
+    for key, value in base.unet.state_dict().items():
+        if ".resnets." in key or ".attn1." in key:
+            tensors[key] = value.half()
+    nested_file(tensors, tmp_path / "student-sd15.safetensors", ("base", "base_ema"))
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("inspect read tensor data")
+
+    opened = safetensors.safe_open
+
+    class HeaderOnly:  # safe_open whose get_tensor fails: inspect must not need it
+        def __init__(self, *args, **kwargs):
+            self.file = opened(*args, **kwargs)
+
+        def __enter__(self):
+            handle = self.file.__enter__()
+            return type(
+                "Handle",
+                (),
+                {
+                    "keys": handle.keys,
+                    "metadata": handle.metadata,
+                    "get_slice": handle.get_slice,
+                    "get_tensor": no_data,
+                },
+            )()
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+    monkeypatch.setattr("deltaconv_cli.interop.safe_open", HeaderOnly)
+    result = runner.invoke(app, ["inspect", str(tmp_path / "student-sd15.safetensors"), "--json", "-"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    sites = find_self_attention_sites(base.unet)
+    assert report["format"] == "convfusion" and report["family"] == "sd"
+    assert report["blocks"] == len(sites) and report["channels"] == sorted({s.channels for s in sites})
+    assert report["kernel_sizes"] == [3] and report["gates"] == 3 and report["scales"] is None
+    assert report["key_nesting"] == ["base", "base_ema"] and report["base_model"] == "Lykon/DreamShaper"
+    assert report["dtypes"] == {
+        "F32": 2 * sum(1 for v in tensors.values() if v.dtype == torch.float32),
+        "F16": 2 * sum(1 for v in tensors.values() if v.dtype == torch.float16),
+    }
+    groups = {g["module"]: g for g in report["groups"]}
+    resnets = [k for k in tensors if k.startswith("up_blocks.") and ".resnets." in k]
+    assert groups["base:up_blocks.*.resnets"]["tensors"] == len(resnets)
+    assert groups["base:up_blocks.*.resnets"]["bytes"] == sum(tensors[k].numel() * 2 for k in resnets)
+    assert groups["base:up_blocks.*.resnets"]["action"].startswith("replace MODEL's tensors")
+    attn1 = groups["base:down_blocks.*.attentions.*.transformer_blocks.*.attn1"]
+    assert attn1["action"].startswith("refused by convert")
+    assert groups["base_ema:*"]["tensors"] == len(tensors)
+    assert any("--scales" in note for note in report["notes"])
+    assert report["bytes"] == 2 * sum(v.numel() * v.element_size() for v in tensors.values())
+    table = runner.invoke(app, ["inspect", str(tmp_path / "student-sd15.safetensors")])
+    assert "base: and base_ema:" in table.stdout and "up_blocks.*.resnets" in table.stdout
+
+
+def test_inspect_reads_linfusion_folders_adapters_and_converted_models(converted, tmp_path):
+    denoiser = tiny_denoiser("sdxl")
+    linfusion_folder(denoiser, tmp_path / "xl", mid_dim_scale=16)
+    lf = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "xl"), "--json", "-"]).stdout)
+    sites = find_self_attention_sites(denoiser)
+    assert lf["format"] == "linfusion" and lf["family"] == "sdxl" and lf["blocks"] == len(sites)
+    assert lf["projection_mid_dims"] == sorted({s.channels // 16 for s in sites})
+    ours = json.loads(runner.invoke(app, ["inspect", str(converted), "--json", "-"]).stdout)
+    assert ours["format"] == "deltaconv" and ours["mixer"] == "deltaconv" and ours["family"] == "sd"
+    assert ours["base_model"] is not None and ours["scales"] == [1.0, 0.5]
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x04")
+    for target, message in (("model.ckpt", "is a pickle file"), ("nothing", "not found")):
+        result = runner.invoke(app, ["inspect", str(tmp_path / target)])
+        assert result.exit_code == 1 and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -216,11 +216,17 @@ def test_mismatched_adapter_is_refused():
         adapter.mount(tiny_denoiser("pixart"))
 
 
-def test_double_mount_is_refused():
+def test_double_mount_is_refused_but_the_base_model_stays_readable():
     model = tiny_denoiser("sd1")
-    DeltaConvAdapter.construct_for(model).mount(model)
+    fresh = DeltaConvAdapter.construct_for(model, seed=0)
+    DeltaConvAdapter.construct_for(model, seed=1).mount(model)
+    # The base model's sites are still known under mounted blocks: a second adapter can be built ...
+    again = DeltaConvAdapter.construct_for(model, seed=0)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    # ... but not mounted on top of the first.
     with pytest.raises(DeltaConvError, match="already has ΔConv blocks mounted"):
-        DeltaConvAdapter.construct_for(model)
+        again.mount(model)
 
 
 def test_unsupported_model_names_supported_ones():
