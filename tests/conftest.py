@@ -13,6 +13,20 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 from tiny_models import LAYOUTS, tiny_pipeline  # noqa: E402
 
+RUN_SLOW = os.environ.get("RUN_SLOW", "").lower() in ("1", "true", "yes")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (end-to-end runs, subprocesses, teacher training) run only with RUN_SLOW=1,
+    as diffusers' are: README's test command stays fast, and ``RUN_SLOW=1 python -m pytest -m slow`` runs
+    the rest (CI runs both)."""
+    if RUN_SLOW:
+        return
+    skip = pytest.mark.skip(reason="slow: runs with RUN_SLOW=1")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
+
 
 @pytest.fixture(scope="session")
 def saved_pipelines(tmp_path_factory):

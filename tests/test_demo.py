@@ -331,6 +331,7 @@ def _guidance_interval_recipe():
     return _recipe("guidance_interval")
 
 
+@pytest.mark.slow
 def test_vae_reconstruction_checks_every_fact_of_the_held_out_scenes(tmp_path: Path):
     result_file = tmp_path / "reconstruction.json"
     command = [sys.executable, str(RECIPES / "vae_reconstruction.py"),
@@ -360,6 +361,7 @@ def test_count_histogram_asks_every_colour_and_shape_for_each_number():
         )
 
 
+@pytest.mark.slow
 def test_count_histogram_spreads_the_drawn_numbers_of_each_caption_number(tmp_path: Path):
     counts = tmp_path / "counts.json"
     command = [sys.executable, str(RECIPES / "count_histogram.py"),

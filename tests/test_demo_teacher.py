@@ -29,6 +29,8 @@ from deltaconv_cli.errors import DeltaConvError
 from deltaconv_cli.progress import progress_bar
 from deltaconv_cli.sampling import SCHEDULERS
 
+pytestmark = pytest.mark.slow  # trains the teacher's stages and runs its scripts in subprocesses
+
 RED, BLUE, GREEN = (list(domain.COLORS).index(c) for c in ("red", "blue", "green"))
 CIRCLE, SQUARE, TRIANGLE = range(3)
 

@@ -175,6 +175,7 @@ def test_outputs_of_a_run(saved_pipelines, image_folder, tmp_path):
     assert sum(isinstance(m, ReplacedSelfAttention) for m in pipe.unet.modules()) == 7
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights(saved_pipelines, image_folder, tmp_path):
     run(saved_pipelines["sd1"], image_folder, tmp_path / "straight")
     # The split run also loads its data in a worker process: same samples, same trajectory.
@@ -401,6 +402,7 @@ def test_a_failure_before_the_first_checkpoint_leaves_no_run_folder(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_passes_over_a_damaged_checkpoint(saved_pipelines, image_folder, tmp_path):
     folder, data = str(saved_pipelines["sd1"]), str(image_folder)
     run(saved_pipelines["sd1"], image_folder, tmp_path / "straight")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_SUFFIXES = {".py", ".md", ".json", ".toml"}
 
@@ -42,12 +44,14 @@ def _tables(*arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_benchmark_tables_render_the_shipped_results():
     done = _tables("teacher", str(ROOT / "docs" / "demo-teacher-quality.json"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("| guidance | adherence | adherence: single |")
 
 
+@pytest.mark.slow
 def test_benchmark_tables_end_a_missing_or_foreign_results_file_with_one_line(tmp_path: Path):
     missing = tmp_path / "missing.json"
     done = _tables("eval", str(missing))
@@ -70,6 +74,7 @@ def test_benchmark_tables_end_a_missing_or_foreign_results_file_with_one_line(tm
     assert done.returncode == 2 and "eval takes one results file, got 2" in done.stderr
 
 
+@pytest.mark.slow
 def test_benchmark_tables_piped_into_a_reader_that_stops_end_without_a_traceback():
     command = [sys.executable, str(ROOT / "benchmarks" / "tables.py"), "teacher"]
     command.append(str(ROOT / "docs" / "demo-teacher-quality.json"))

@@ -93,6 +93,7 @@ def test_eval_times_every_system_in_one_interleaved_measurement(converted, tmp_p
     assert {s["seconds_per_image"] for s in none["systems"]} == {None}
 
 
+@pytest.mark.slow
 def test_end_to_end_sweep_times_three_systems_per_size(converted, tmp_path):
     out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
     args = ["--end-to-end", "--res", "32", "64", "--steps", "1", "--repeats", "1"]

@@ -21,7 +21,9 @@ def conv_reference(x, weight, bias):
     return y.permute(0, 2, 3, 1)
 
 
-CONV_CASES = [((1, 5, 7, 8), 3), ((2, 6, 4, 16), 7), ((1, 3, 4, 4), 13), ((1, 1, 3, 8), 3)]
+SLOW = pytest.mark.slow  # the larger cases take seconds each in Triton's CPU interpreter
+CONV_CASES = [((1, 5, 7, 8), 3), pytest.param((2, 6, 4, 16), 7, marks=SLOW),
+              pytest.param((1, 3, 4, 4), 13, marks=SLOW), ((1, 1, 3, 8), 3)]  # fmt: skip
 
 
 @pytest.mark.parametrize("shape,k", CONV_CASES)
@@ -111,8 +113,8 @@ def test_ops_are_registered_with_fake_kernels():
     torch.library.opcheck(ops.dwconv2d_gate, (x.detach(), weight, bias, 1, 1.0), test_utils=checks[:2])
 
 
-@pytest.mark.parametrize("gate", ["scaled", "sigmoid"])
-@pytest.mark.parametrize("shape", [(1, 6, 8, 16), (2, 7, 5, 16)])
+@pytest.mark.parametrize("gate", ["scaled", pytest.param("sigmoid", marks=SLOW)])
+@pytest.mark.parametrize("shape", [(1, 6, 8, 16), pytest.param((2, 7, 5, 16), marks=SLOW)])
 def test_block_backends_compute_the_same_function(gate, shape):
     torch.manual_seed(0)
     reference = DeltaConvBlock(shape[-1], 5, gate=gate, backend="torch")

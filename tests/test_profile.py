@@ -82,7 +82,10 @@ def test_scaled_dot_product_attention_counts_on_cpu_too():
     assert count(partial(F.scaled_dot_product_attention, q, q, q))[0] == 2 * 16 * 16 * 8 * 2
 
 
-@pytest.mark.parametrize("name,sites", [("sd15", 16), ("sd21", 16), ("sdxl", 70), ("pixart-sigma", 28)])
+@pytest.mark.parametrize(
+    "name,sites",
+    [("sd15", 16), ("sd21", 16), pytest.param("sdxl", 70, marks=pytest.mark.slow), ("pixart-sigma", 28)],
+)
 def test_site_counts_and_totals(name, sites):
     report = profile(name, [(1024, 1024)], find_paper_ratio=False)
     res = report.resolutions[0]
@@ -107,6 +110,7 @@ def test_sd15_at_512_by_the_formulas():
     assert {m: res.total(m) for m in expected} == expected
 
 
+@pytest.mark.slow
 def test_paper_ratio_crossing_for_sd15():
     report = profile("sd15", [(512, 512)])
     # docs/method.md §1.1: by the formulas the ratio passes ~7000x near 16K px.
@@ -114,6 +118,7 @@ def test_paper_ratio_crossing_for_sd15():
     assert report.ratio_at_crossing >= 6929
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_plot(tmp_path):
     json_file, png_file = tmp_path / "p.json", tmp_path / "p.png"
     args = ["profile", "--res", "512", "1024", "--json", str(json_file), "--plot", str(png_file)]
@@ -128,6 +133,7 @@ def test_cli_writes_json_and_plot(tmp_path):
         assert image.format == "PNG" and image.width > 300
 
 
+@pytest.mark.slow
 def test_measure_on_a_tiny_model(tmp_path):
     tiny_denoiser("sd1").save_pretrained(tmp_path / "unet")
     out = tmp_path / "m.json"
@@ -146,6 +152,7 @@ def test_measure_on_a_tiny_model(tmp_path):
         assert set(res["step_latency_ms"]) == {"attention", "deltaconv", "linfusion"}
 
 
+@pytest.mark.slow
 def test_measure_skips_with_the_reason(tmp_path):
     tiny_denoiser("sd1").save_pretrained(tmp_path / "unet")
     args = ["profile", str(tmp_path / "unet"), "--res", "64", "--measure", "--time-budget", "1e-9"]
@@ -234,7 +241,7 @@ def test_steps_are_timed_in_turns_each_under_its_own_setup():
     assert events == one_round * 3  # warm-up round, then 2 timed rounds
 
 
-@pytest.mark.parametrize("measured", [False, True])
+@pytest.mark.parametrize("measured", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_profile_table_headings_match_their_cells(measured, tmp_path):
     from deltaconv_cli.profile import profile
     from deltaconv_cli.reports import profile_tables
