@@ -2,9 +2,9 @@
 
 python benchmarks/tables.py profile docs/profile-sd15.json
 python benchmarks/tables.py eval runs/eval/eval.json
-python benchmarks/tables.py teacher docs/demo-teacher-quality.json [MORE.json ...]
-python benchmarks/tables.py noised docs/demo-teacher-from-noised-scenes.json
-python benchmarks/tables.py guidance-interval docs/guidance-interval-v2.json
+python benchmarks/tables.py teacher demo_teacher/results/demo-teacher-quality.json [MORE.json ...]
+python benchmarks/tables.py noised demo_teacher/results/demo-teacher-from-noised-scenes.json
+python benchmarks/tables.py guidance-interval demo_teacher/results/guidance-interval-v2.json
 python benchmarks/tables.py end-to-end docs/end-to-end-demo.json
 """
 
@@ -16,9 +16,8 @@ from pathlib import Path
 
 from deltaconv_cli.demo.domain import FAILURES
 from deltaconv_cli.demo.quality import HELD_OUT_SEED
-from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
-from deltaconv_cli.errors import DeltaConvError
-from deltaconv_cli.recipes.recipe_cli import run
+from deltaconv_cli.demo.recommended import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
+from deltaconv_cli.errors import DeltaConvError, run_script
 from deltaconv_cli.runtime import human_bytes, human_count
 
 MIXERS = ("attention", "deltaconv", "linfusion")
@@ -182,7 +181,7 @@ def teacher_table(results: list[dict]) -> str:
 
 
 def noised_table(results: list[dict]) -> str:
-    """recipes/adherence_from_noised_scenes.py: adherence and failed facts by where sampling starts."""
+    """demo_teacher/adherence_from_noised_scenes.py: adherence and failed facts by where sampling starts."""
     kinds = list(results[0]["adherence"])
     header = ["strength", "sampling starts at t", *(f"adherence: {k}" for k in kinds), *_FACT_HEADINGS]
     rows = [[f"{r['strength']:g}", str(r["start_timestep"]), *(f"{r['adherence'][k]:.3f}" for k in kinds),
@@ -201,7 +200,7 @@ def _guided_below(result: dict) -> str:
 
 
 def guidance_interval_table(results: list[dict]) -> str:
-    """recipes/guidance_interval.py: adherence and failed facts by the timestep guidance starts below."""
+    """demo_teacher/guidance_interval.py: adherence and failed facts by the timestep guidance starts below."""
     kinds = list(results[0]["adherence"])
     header = ["guided below t", *(f"adherence: {k}" for k in kinds), "... in the named cell", *_FACT_HEADINGS]
     rows = [[_guided_below(r), *(f"{r['adherence'][k]:.3f}" for k in kinds),
@@ -278,4 +277,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

@@ -356,6 +356,12 @@ def latent_stride(denoiser: ModelMixin) -> int:
     return family_for(denoiser).latent_stride(denoiser)
 
 
+def native_latent_side(denoiser: ModelMixin) -> int:
+    """The side of the latent the denoiser was trained on (its config's ``sample_size``; the first of two)."""
+    native = denoiser.config.sample_size
+    return native if isinstance(native, int) else native[0]
+
+
 def latent_size(height: int, width: int, vae_factor: int, stride: int) -> tuple[int, int]:
     """The latent height and width of a ``height`` x ``width`` image, or a clear error where a model with
     this VAE factor and :func:`latent_stride` cannot take that size."""

@@ -10,7 +10,6 @@ into place at the end, so OUT is never left half-written.
 from __future__ import annotations
 
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,10 +18,11 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .architectures import denoiser_of
+from .architectures import denoiser_of, native_latent_side
 from .data import open_data
 from .demo import DEMO
 from .errors import DeltaConvError
+from .files import atomic_path
 from .loading import (
     ADAPTER_DIR,
     PICKLE_SUFFIXES,
@@ -114,8 +114,7 @@ def _calibrate(folder: Any, adapter: DeltaConvAdapter, data: str, seed: int) -> 
     pipe = load_model(folder)
     adapter.mount(pipe, dtype=torch.float32)
     try:
-        native = denoiser_of(pipe).config.sample_size
-        resolution = (native if isinstance(native, int) else native[0]) * folder.vae_factor
+        resolution = native_latent_side(denoiser_of(pipe)) * folder.vae_factor
         fit = calibrate(pipe, adapter, data, resolution, seed=seed)
     finally:
         adapter.unmount()
@@ -199,8 +198,7 @@ def _report(
     report.mixer = adapter.config.mixer
     report.base_model = adapter.config.base_model_name_or_path
     report.params_before = numel(denoiser)
-    latent = denoiser.config.sample_size
-    latent = latent if isinstance(latent, int) else latent[0]
+    latent = native_latent_side(denoiser)
     grids = trace_token_grids(denoiser, latent, latent)
     sites = {s.name: s for s in find_self_attention_sites(denoiser)}
     for target, block in zip(adapter.config.targets, adapter.blocks, strict=True):
@@ -281,20 +279,8 @@ def _write(folder: Any, out: Path, adapter: DeltaConvAdapter, replaced: dict[str
            show_progress: bool) -> None:  # fmt: skip
     """Copy the model into a staging folder next to ``out``, add the adapter (and replaced denoiser
     tensors), then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    retired = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_path(out) as staging:
         _copy_model_files(folder.path, staging, show_progress)
         if replaced:
             _replace_tensors(staging / (folder.denoiser_subfolder or ""), replaced)
         adapter.save_pretrained(staging / ADAPTER_DIR)
-        if out.exists():
-            out.rename(retired)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if retired.exists() and not out.exists():
-            retired.rename(out)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)

@@ -50,7 +50,8 @@ from .architectures import denoiser_of, family_for, latent_size, latent_stride
 from .block import GATES
 from .conditioning import encode_prompts, latent_posterior, predict
 from .data import DEMO, batch_indices, image_tensor, open_data
-from .errors import DeltaConvError
+from .errors import DeltaConvError, first_line
+from .files import atomic_path, load_optimizer_tensors, optimizer_tensors
 from .interop import adapter_for
 from .loading import load_model, locate_model, locate_pipeline, model_name_or_path
 from .mixers import INITS, MIXERS
@@ -341,20 +342,12 @@ def save_checkpoint(out: Path, step: int, adapter: DeltaConvAdapter, optimizer: 
     """Write checkpoint ``step`` atomically (temp folder + rename): adapter and optimizer tensors as
     safetensors, the rest as JSON."""
     final = out / "checkpoints" / f"step-{step:07d}"
-    staging = final.with_name(final.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    adapter.save_pretrained(staging / "adapter")
-    state = optimizer.state_dict()
-    tensors = {
-        f"{index}.{name}": value for index, entry in state["state"].items() for name, value in entry.items()
-    }
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging / "optimizer.safetensors"
-    )
-    meta = {"step": step, "param_groups": state["param_groups"], "scheduler": scheduler.state_dict()}
-    (staging / "state.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
+    with atomic_path(final) as staging:
+        adapter.save_pretrained(staging / "adapter")
+        tensors, param_groups = optimizer_tensors(optimizer)
+        save_file(tensors, staging / "optimizer.safetensors")
+        meta = {"step": step, "param_groups": param_groups, "scheduler": scheduler.state_dict()}
+        (staging / "state.json").write_text(json.dumps(meta, indent=1))
     return final
 
 
@@ -362,12 +355,7 @@ def load_checkpoint(folder: Path, adapter: DeltaConvAdapter, optimizer: Any, sch
     meta = json.loads((folder / "state.json").read_text())
     weights = load_file(folder / "adapter" / SAFETENSORS_WEIGHTS_NAME)
     adapter.load_state_dict(weights)
-    tensors = load_file(folder / "optimizer.safetensors")
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    load_optimizer_tensors(optimizer, load_file(folder / "optimizer.safetensors"), meta["param_groups"])
     scheduler.load_state_dict(meta["scheduler"])
     return int(meta["step"])
 
@@ -562,7 +550,7 @@ def _load_newest_intact(checkpoints: list[Path], adapter: DeltaConvAdapter, opti
         try:
             step = load_checkpoint(folder, adapter, optimizer, scheduler)
         except Exception as err:  # json, safetensors and torch raise several types for damaged files
-            damaged.append(f"{folder.name} ({str(err).strip().splitlines()[0][:120] or type(err).__name__})")
+            damaged.append(f"{folder.name} ({first_line(err, 120)})")
             continue
         if damaged:
             _note(f"skipped damaged checkpoint(s) {', '.join(damaged)}; resuming from {folder.name}")

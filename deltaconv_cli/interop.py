@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .architectures import FAMILIES, denoiser_of, family_for
-from .errors import DeltaConvError
+from .errors import DeltaConvError, first_line
+from .files import atomic_path
 from .linfusion import NO_FEATURE_MLP
 from .loading import ADAPTER_DIR, PICKLE_SUFFIXES, load_adapter, looks_like_path
 from .surgery import DeltaConvAdapter, find_self_attention_sites
@@ -159,7 +158,7 @@ def _read_safetensors(path: Path, group: str | None = None) -> tuple[dict[str, t
                        for key in file.keys() if key.startswith(prefix)}  # noqa: SIM118 - safe_open API # fmt: skip
             return tensors, file.metadata() or {}
     except (SafetensorError, OSError) as err:
-        raise DeltaConvError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+        raise DeltaConvError(f"cannot read {path}: {first_line(err)}") from None
 
 
 def safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, str]]:
@@ -172,7 +171,7 @@ def safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], di
                 entries[key] = (piece.get_dtype(), list(piece.get_shape()))
             return entries, file.metadata() or {}
     except (SafetensorError, OSError) as err:
-        raise DeltaConvError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+        raise DeltaConvError(f"cannot read {path}: {first_line(err)}") from None
 
 
 def key_groups(keys: list[str], file: str) -> list[str]:
@@ -253,7 +252,7 @@ def _download_weights(spec: str) -> Path:
         patterns = [f"{inside}/*.json", f"{inside}/*.safetensors"] if inside else ["*.json", "*.safetensors"]
         return Path(snapshot_download(repo, allow_patterns=patterns)) / inside
     except Exception as err:  # the hub client raises many types (offline, 404, auth, timeouts)
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        reason = first_line(err, 200)
         raise DeltaConvError(
             f"cannot fetch {spec!r} from the Hugging Face hub ({reason}); pass a local file or folder instead"
         ) from None
@@ -594,16 +593,14 @@ def export_adapter(
         metadata = {"format": "pt", SCALES_METADATA: json.dumps(list(adapter.config.scales))}
         if adapter.config.base_model_name_or_path:
             metadata[BASE_METADATA] = adapter.config.base_model_name_or_path
-        _write_atomically(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        with atomic_path(out) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
     else:
         tensors, config = _linfusion_layout(adapter)
-
-        def write(tmp: Path) -> None:
+        with atomic_path(out) as tmp:
             tmp.mkdir()
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             save_file(tensors, str(tmp / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-
-        _write_atomically(out, write)
     report.tensors = len(tensors)
     return report
 
@@ -664,21 +661,3 @@ def _linfusion_layout(adapter: DeltaConvAdapter) -> tuple[dict[str, torch.Tensor
         "_diffusers_version": diffusers_version,
         "modules_list": modules,
     }
-
-
-def _write_atomically(out: Path, write: Any) -> None:
-    """``write(tmp)`` next to ``out``, then rename into place (an old ``out`` is replaced only then)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        write(tmp)
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        tmp.rename(out)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()

@@ -16,7 +16,7 @@ from huggingface_hub import snapshot_download
 
 from .architectures import denoiser_class, meta_denoiser, supported_text
 from .demo import DEMO
-from .errors import DeltaConvError
+from .errors import DeltaConvError, first_line
 from .surgery import DeltaConvAdapter
 
 ADAPTER_DIR = "deltaconv"
@@ -84,7 +84,7 @@ def _download(repo_id: str, config_only: bool) -> Path:
             return Path(snapshot_download(repo_id, allow_patterns=["*.json"]))
         return Path(DiffusionPipeline.download(repo_id, use_safetensors=True))
     except Exception as err:  # the hub client raises many types (offline, 404, auth, timeouts)
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        reason = first_line(err, 200)
         raise DeltaConvError(
             f"cannot fetch {repo_id!r} from the Hugging Face hub ({reason}); "
             "pass the path of a local diffusers folder instead"
@@ -211,7 +211,7 @@ def load_model(folder: ModelFolder, *, torch_dtype: torch.dtype | None = None) -
         cls = denoiser_class(folder.denoiser_class)
         return cls.from_pretrained(folder.path, dtype=torch_dtype, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as err:
-        raise DeltaConvError(f"cannot load the model in {folder.path}: {str(err).splitlines()[0]}") from None
+        raise DeltaConvError(f"cannot load the model in {folder.path}: {first_line(err)}") from None
 
 
 def load_adapter(path: str | Path) -> DeltaConvAdapter:
@@ -222,7 +222,7 @@ def load_adapter(path: str | Path) -> DeltaConvAdapter:
     try:
         return DeltaConvAdapter.from_pretrained(path, use_safetensors=True)
     except Exception as err:  # safetensors and diffusers raise several types for damaged files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise DeltaConvError(f"adapter in {path} is corrupt or incomplete: {first}") from None
 
 

@@ -30,6 +30,7 @@ from .architectures import (
     latent_size,
     latent_stride,
     meta_denoiser,
+    native_latent_side,
 )
 from .block import DeltaConvBlock
 from .errors import DeltaConvError
@@ -568,8 +569,7 @@ def end_to_end(
     arch = resolve_architecture(model)
     meta = meta_denoiser(arch.denoiser_class, arch.config)
     if not resolutions:
-        native = meta.config.sample_size
-        side = (native if isinstance(native, int) else native[0]) * arch.vae_factor
+        side = native_latent_side(meta) * arch.vae_factor
         resolutions = [(side * f, side * f) for f in (1, 2, 4)]
     for height, width in resolutions:
         latent_size(height, width, arch.vae_factor, latent_stride(meta))

@@ -33,7 +33,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
-from .architectures import Family, denoiser_of, family_for, latent_size, latent_stride
+from .architectures import Family, denoiser_of, family_for, latent_size, latent_stride, native_latent_side
 from .conditioning import use_tiled_vae
 from .errors import DeltaConvError
 from .imaging import save_grid, to_uint8
@@ -118,7 +118,7 @@ class SampleSettings:
         """These settings with ``model``'s recommended guidance and guidance start where they are unset:
         the demo teacher's own (a start only where it is guided), else SD's 7.5 from the first step."""
         from .demo import DEMO
-        from .demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_GUIDANCE_START
+        from .demo.recommended import RECOMMENDED_GUIDANCE, RECOMMENDED_GUIDANCE_START
 
         demo = str(model) == DEMO
         guidance = self.guidance
@@ -171,8 +171,7 @@ def load_for_sampling(
 def resolve_size(loaded: LoadedModel, height: int | None, width: int | None) -> tuple[int, int]:
     """The requested size, or the model's native one; a clear error for sizes the model cannot take."""
     denoiser = denoiser_of(loaded.pipe)
-    native = denoiser.config.sample_size
-    native = native if isinstance(native, int) else native[0]
+    native = native_latent_side(denoiser)
     height = native * loaded.vae_factor if height is None else height
     width = native * loaded.vae_factor if width is None else width
     latent_size(height, width, loaded.vae_factor, latent_stride(denoiser))

@@ -1,4 +1,4 @@
-"""Distillation recipes (JSON, one per model family) and the embedded teacher's training script.
+"""Distillation recipes (JSON, one per model family and the demo).
 
 Installed as ``deltaconv_cli.recipes``; ``deltaconv distill --recipe NAME`` reads ``NAME.json``.
 """

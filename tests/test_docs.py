@@ -46,7 +46,7 @@ def _tables(*arguments: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_benchmark_tables_render_the_shipped_results():
-    done = _tables("teacher", str(ROOT / "docs" / "demo-teacher-quality.json"))
+    done = _tables("teacher", str(ROOT / "demo_teacher" / "results" / "demo-teacher-quality.json"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("| guidance | adherence | adherence: single |")
 
@@ -63,7 +63,7 @@ def test_benchmark_tables_end_a_missing_or_foreign_results_file_with_one_line(tm
     assert done.returncode == 1 and done.stderr.startswith(f"tables.py: cannot read results from {tmp_path}")
     assert done.stderr.count("\n") == 1
 
-    done = _tables("noised", str(ROOT / "docs" / "demo-teacher-quality.json"))
+    done = _tables("noised", str(ROOT / "demo_teacher" / "results" / "demo-teacher-quality.json"))
     assert (done.returncode, done.stdout) == (1, "")
     assert (
         done.stderr.startswith("tables.py: noised: not results of that kind (")
@@ -77,7 +77,7 @@ def test_benchmark_tables_end_a_missing_or_foreign_results_file_with_one_line(tm
 @pytest.mark.slow
 def test_benchmark_tables_piped_into_a_reader_that_stops_end_without_a_traceback():
     command = [sys.executable, str(ROOT / "benchmarks" / "tables.py"), "teacher"]
-    command.append(str(ROOT / "docs" / "demo-teacher-quality.json"))
+    command.append(str(ROOT / "demo_teacher" / "results" / "demo-teacher-quality.json"))
     tables = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     tables.stdout.close()  # as `head` does once it has its lines; the script is still importing then
     stderr = tables.stderr.read()

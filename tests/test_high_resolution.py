@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 
 from deltaconv_cli.cli import app
 from deltaconv_cli.conditioning import latent_posterior, use_tiled_vae
-from deltaconv_cli.demo.quality import real_images
-from deltaconv_cli.demo.teacher import to_tensor
+from deltaconv_cli.demo.quality import real_images, to_tensor
 from deltaconv_cli.imaging import psnr, to_uint8
 from deltaconv_cli.loading import load_model, locate_model
 from deltaconv_cli.profile import SizeTiming, SystemTiming, crossover_side

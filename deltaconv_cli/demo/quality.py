@@ -21,6 +21,11 @@ HELD_OUT_SEED = 10_000_019  # captions no training stream draws (training uses s
 REFERENCE_SEED = 20_000_003  # real images for Fréchet distances (this seed and the next three)
 
 
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` images as float ``(N, 3, H, W)`` in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 def check_caption_seed(seed: int) -> None:
     """Refuse a seed to draw held-out captions from whose scenes train the teacher or are the real images
     that Fréchet distances compare with (samples of those very scenes would flatter the distance)."""
@@ -106,7 +111,6 @@ def reconstruction_adherence(pipe: Any, count: int = 200, seed: int = HELD_OUT_S
     score, and which facts the VAE alone already breaks."""
     from ..conditioning import latent_posterior
     from ..imaging import to_uint8
-    from .teacher import to_tensor
 
     captions, kinds = held_out_captions(count, seed)
     reals = real_images(seed, count)  # the scenes those captions were drawn from
@@ -154,7 +158,6 @@ def position_reliance(
     from diffusers import DDPMScheduler
 
     from ..conditioning import encode_prompts, latent_posterior, predict
-    from .teacher import to_tensor
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas, prediction = scheduler.alphas_cumprod, scheduler.config.prediction_type

@@ -1,6 +1,6 @@
 """What `quality.position_reliance` can read at t = 999 for a denoiser that knows only the caption.
 
-    python recipes/position_reliance_ceiling.py --pipeline runs/teacher-v2/pipeline [--draws 64]
+    python demo_teacher/position_reliance_ceiling.py --pipeline runs/teacher-v2/pipeline [--draws 64]
 
 On a schedule with zero SNR at t = 999 the noisy latents hold nothing of the image there, so the best
 prediction of the clean latents is the mean latent of every scene the caption describes. This renders
@@ -22,10 +22,9 @@ import torch
 
 from deltaconv_cli.conditioning import latent_posterior
 from deltaconv_cli.demo import domain
-from deltaconv_cli.demo.quality import HELD_OUT_SEED, with_cell_moved
-from deltaconv_cli.demo.teacher import to_tensor
+from deltaconv_cli.demo.quality import HELD_OUT_SEED, to_tensor, with_cell_moved
+from deltaconv_cli.errors import run_script
 from deltaconv_cli.loading import load_model, locate_pipeline
-from deltaconv_cli.recipes.recipe_cli import run
 
 COUNT = 32
 
@@ -69,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

@@ -1,7 +1,8 @@
 """Time one training step of the demo teacher's UNet, with attention at 32 x 32 (v2), without it (v3 and v4),
 with attention in the 8 x 8 blocks too (recipe 17), and v4's under bf16 autocast (recipe 19), in turns.
 
-    python benchmarks/teacher_step_time.py [--rounds 7] [--batch 16] [--json docs/teacher-step-time.json]
+    python demo_teacher/teacher_step_time.py [--rounds 7] [--batch 16]
+        [--json demo_teacher/results/teacher-step-time.json]
 
 A step is what ``train_denoiser`` does per batch: the UNet's forward pass on noisy 32 x 32 latents with
 the caption states as cross-attention context, the backward pass and an AdamW update. The UNets are
@@ -23,8 +24,8 @@ from pathlib import Path
 import torch
 
 from deltaconv_cli.cli import write_json
-from deltaconv_cli.demo.teacher import TEXT_LENGTH, TeacherRecipe, build_components, unet_autocast
-from deltaconv_cli.recipes.recipe_cli import run
+from deltaconv_cli.errors import run_script
+from teacher import TEXT_LENGTH, TeacherRecipe, build_components, unet_autocast
 
 
 def main() -> None:
@@ -85,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

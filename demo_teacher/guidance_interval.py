@@ -1,11 +1,11 @@
 """Adherence of the demo teacher when classifier-free guidance applies only below a timestep.
 
-    python recipes/guidance_interval.py [--pipeline demo] [--count 200] [--guidance 2] [--below 1000 800 600]
-        [--json FILE]
+    python demo_teacher/guidance_interval.py [--pipeline demo] [--count 200] [--guidance 2]
+        [--below 1000 800 600] [--json FILE]
 
 Guidance pushes each prediction away from the caption-free one. Where the layout is decided (t near 999)
 that makes more of every object the caption names, and a ``count`` caption's "three" more than three:
-extra objects are the failure that dominates (BENCHMARKS.md, section 1). For each ``--below`` T this
+extra objects are the failure that dominates (demo_teacher/HISTORY.md). For each ``--below`` T this
 samples the held-out captions with the documented sampler (DPM++ 2M, trailing timesteps, seed i for
 caption i), guided at the timesteps below T and unguided from T up (T = 1000: every step, the documented
 sampler itself), and reports adherence per kind, the failed facts and where named objects land. T is
@@ -22,10 +22,11 @@ from typing import Any
 from deltaconv_cli.cli import write_json
 from deltaconv_cli.demo import domain
 from deltaconv_cli.demo.quality import adherence_by_kind, failed_facts, held_out_captions, placed_objects
-from deltaconv_cli.demo.teacher import NOISE_SCHEDULE, RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
+from deltaconv_cli.demo.recommended import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
+from deltaconv_cli.errors import run_script
 from deltaconv_cli.loading import load_model, locate_pipeline
-from deltaconv_cli.recipes.recipe_cli import run
 from deltaconv_cli.sampling import SampleSettings, generate
+from teacher import NOISE_SCHEDULE
 
 
 def guidance_start(pipe: Any, steps: int, below: int) -> float:
@@ -76,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

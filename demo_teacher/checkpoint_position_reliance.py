@@ -1,8 +1,8 @@
 """Position reliance of a demo-teacher training run at its latest denoiser checkpoint.
 
-    python recipes/checkpoint_position_reliance.py --work runs/teacher-v2-work [--weights ema|live]
+    python demo_teacher/checkpoint_position_reliance.py --work runs/teacher-v2-work [--weights ema|live]
 
-Reads the work folder of `recipes/train_demo_teacher.py` (VAE, the frozen text encoder, denoiser
+Reads the work folder of `demo_teacher/train_demo_teacher.py` (VAE, the frozen text encoder, denoiser
 checkpoint) and prints `quality.position_reliance` for 32 held-out single scenes at t = 999, 900 and 600:
 whether the UNet has started to read the caption's cell. The pipeline it builds (noise schedule,
 prediction type) is the checked-out recipe's, so read a run with the code that made it: read with another
@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 from deltaconv_cli.demo.quality import position_reliance
-from deltaconv_cli.demo.teacher import TeacherRecipe, build_components
-from deltaconv_cli.recipes.recipe_cli import run
+from deltaconv_cli.errors import run_script
+from teacher import TeacherRecipe, build_components
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     pipe = StableDiffusionPipeline(
         **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
-    if args.save is not None:  # for recipes/evaluate_demo_teacher.py --pipeline
+    if args.save is not None:  # for demo_teacher/evaluate_demo_teacher.py --pipeline
         pipe.save_pretrained(args.save)
     reliance = position_reliance(pipe, count=32, timesteps=(999, 900, 600))
     print(f"step {step}, {args.weights} weights")
@@ -61,4 +61,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

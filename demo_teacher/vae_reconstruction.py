@@ -1,6 +1,6 @@
 """How well a demo pipeline's VAE keeps the captions' facts: adherence of its reconstructions of real scenes.
 
-    python recipes/vae_reconstruction.py --pipeline PATH [PATH ...] [--count 200 ...] [--json FILE]
+    python demo_teacher/vae_reconstruction.py --pipeline PATH [PATH ...] [--count 200 ...] [--json FILE]
 
 Encodes and decodes the real held-out scenes behind the first ``--count`` held-out captions and checks
 each reconstruction against its caption (quality.reconstruction_adherence, the row "the real scenes
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from deltaconv_cli.cli import write_json
 from deltaconv_cli.demo.quality import reconstruction_adherence
+from deltaconv_cli.errors import run_script
 from deltaconv_cli.loading import load_model, locate_pipeline
-from deltaconv_cli.recipes.recipe_cli import run
 
 
 def main() -> None:
@@ -42,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

@@ -2,7 +2,7 @@
 # Re-measure every BENCHMARKS.md result that depends on the shipped demo teacher, one command at a time
 # (two PyTorch jobs on two cores distort each other's times), in the order of the sections:
 #
-#     bash benchmarks/teacher_dependent.sh [FIRST]      # about 100 minutes on a 2-core CPU
+#     bash demo_teacher/teacher_dependent.sh [FIRST]      # about 100 minutes on a 2-core CPU
 #
 # Run it after the teacher's weights in deltaconv_cli/assets/demo change. Each command's wall-clock time
 # goes to runs/teacher-dependent.log; the JSON, PNG and docs/analysis-demo outputs are the ones the
@@ -26,19 +26,19 @@ measure() {
 
 # 1. The teacher: quality at three guidance values, guided from the first step, 30 steps, 400 captions,
 # other schedulers; where facts are lost, and how many objects it draws.
-measure python recipes/evaluate_demo_teacher.py --guidance 2 3 1.5 --json docs/demo-teacher-quality.json \
-    --grid docs/demo-samples.png
-measure python recipes/evaluate_demo_teacher.py --guidance-start 0 \
-    --json docs/demo-teacher-quality-guided-every-step.json
-measure python recipes/evaluate_demo_teacher.py --steps 30 --json docs/demo-teacher-quality-steps30.json
-measure python recipes/evaluate_demo_teacher.py --count 400 --json docs/demo-teacher-quality-400-captions.json
-measure python recipes/adherence_from_noised_scenes.py --json docs/demo-teacher-from-noised-scenes.json
-measure python recipes/layout_at_t999.py --json docs/demo-teacher-layout-t999.json
+measure python demo_teacher/evaluate_demo_teacher.py --guidance 2 3 1.5 --json demo_teacher/results/demo-teacher-quality.json \
+    --grid demo_teacher/results/demo-samples.png
+measure python demo_teacher/evaluate_demo_teacher.py --guidance-start 0 \
+    --json demo_teacher/results/demo-teacher-quality-guided-every-step.json
+measure python demo_teacher/evaluate_demo_teacher.py --steps 30 --json demo_teacher/results/demo-teacher-quality-steps30.json
+measure python demo_teacher/evaluate_demo_teacher.py --count 400 --json demo_teacher/results/demo-teacher-quality-400-captions.json
+measure python demo_teacher/adherence_from_noised_scenes.py --json demo_teacher/results/demo-teacher-from-noised-scenes.json
+measure python demo_teacher/layout_at_t999.py --json demo_teacher/results/demo-teacher-layout-t999.json
 for scheduler in unipc euler heun; do
-    measure python recipes/evaluate_demo_teacher.py --scheduler "$scheduler" \
-        --json "docs/demo-teacher-quality-scheduler-$scheduler.json"
+    measure python demo_teacher/evaluate_demo_teacher.py --scheduler "$scheduler" \
+        --json "demo_teacher/results/demo-teacher-quality-scheduler-$scheduler.json"
 done
-measure python recipes/count_histogram.py --json docs/count-histogram.json
+measure python demo_teacher/count_histogram.py --json demo_teacher/results/count-histogram.json
 
 # This script's own distill folders from an earlier run: distill refuses a folder that holds a run, so the
 # step about to run (the next one) starts from none.

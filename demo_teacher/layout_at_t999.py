@@ -1,6 +1,6 @@
 """Where the teacher puts objects at t = 999, by column, for count and mirror captions, against real scenes.
 
-    python recipes/layout_at_t999.py --pipeline demo [--json FILE]
+    python demo_teacher/layout_at_t999.py --pipeline demo [--json FILE]
 
 At t = 999 a zero-SNR schedule leaves nothing of the image in the noisy latents, so the denoiser's
 clean-latent prediction is its caption-only guess of the layout: the mean of every scene it thinks the
@@ -26,10 +26,9 @@ import torch
 from deltaconv_cli.cli import write_json
 from deltaconv_cli.conditioning import encode_prompts, predict
 from deltaconv_cli.demo import domain
-from deltaconv_cli.demo.quality import clean_latents
-from deltaconv_cli.demo.teacher import to_tensor
+from deltaconv_cli.demo.quality import clean_latents, to_tensor
+from deltaconv_cli.errors import run_script
 from deltaconv_cli.loading import load_model, locate_pipeline
-from deltaconv_cli.recipes.recipe_cli import run
 
 CAPTIONS = {
     "two mirrored": "two {color} {shape}s mirrored",
@@ -109,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

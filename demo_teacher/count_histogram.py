@@ -1,6 +1,6 @@
 """How many objects a demo-domain generator draws for each number its count and mirror captions name.
 
-    python recipes/count_histogram.py [--pipeline demo] [--seeds 4] [--guidance 2] [--steps 20] \\
+    python demo_teacher/count_histogram.py [--pipeline demo] [--seeds 4] [--guidance 2] [--steps 20] \\
         [--scheduler NAME] [--guidance-rescale 0] [--guidance-start 0.2] [--json FILE]
 
 `count` and `mirror` adherence only say that a number came out wrong. This samples every colour and
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from deltaconv_cli.cli import write_json
 from deltaconv_cli.demo import DEMO, domain
-from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
-from deltaconv_cli.recipes.recipe_cli import run
+from deltaconv_cli.demo.recommended import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
+from deltaconv_cli.errors import run_script
 from deltaconv_cli.sampling import SampleSettings, generate, load_for_sampling, set_scheduler
 
 
@@ -96,4 +96,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

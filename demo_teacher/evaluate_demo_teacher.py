@@ -1,7 +1,7 @@
 """Measure the embedded demo teacher: prompt adherence on held-out captions and Fréchet distances.
 
-    python recipes/evaluate_demo_teacher.py [--pipeline PATH] [--count 200] [--guidance G ...] [--steps 20]
-        [--first-seed 0] [--caption-seed SEED] [--scheduler NAME] [--guidance-rescale 0]
+    python demo_teacher/evaluate_demo_teacher.py [--pipeline PATH] [--count 200] [--guidance G ...]
+        [--steps 20] [--first-seed 0] [--caption-seed SEED] [--scheduler NAME] [--guidance-rescale 0]
         [--guidance-start 0.2]
 
 Prints and writes JSON (--json) with adherence per scene kind, three Fréchet distances in the domain
@@ -37,11 +37,10 @@ from deltaconv_cli.demo.quality import (
     real_images,
     reconstruction_adherence,
 )
-from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
-from deltaconv_cli.errors import DeltaConvError
+from deltaconv_cli.demo.recommended import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
+from deltaconv_cli.errors import DeltaConvError, run_script
 from deltaconv_cli.imaging import save_grid
 from deltaconv_cli.loading import demo_path, load_model, locate_pipeline
-from deltaconv_cli.recipes.recipe_cli import run
 from deltaconv_cli.sampling import SampleSettings, set_scheduler
 
 GRID_CAPTIONS = 16
@@ -110,4 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

@@ -13,8 +13,12 @@ import torch
 from PIL import Image
 from tiny_models import tiny_denoiser
 
-from deltaconv_cli.demo import domain, teacher
-from deltaconv_cli.demo.teacher import (
+import teacher
+from deltaconv_cli.demo import domain
+from deltaconv_cli.errors import DeltaConvError
+from deltaconv_cli.progress import progress_bar
+from deltaconv_cli.sampling import SCHEDULERS
+from teacher import (
     MIRRORED,
     NO_CELL,
     SETTINGS_BEFORE_RECORDED,
@@ -25,9 +29,6 @@ from deltaconv_cli.demo.teacher import (
     train_denoiser,
     train_text_encoder,
 )
-from deltaconv_cli.errors import DeltaConvError
-from deltaconv_cli.progress import progress_bar
-from deltaconv_cli.sampling import SCHEDULERS
 
 pytestmark = pytest.mark.slow  # trains the teacher's stages and runs its scripts in subprocesses
 
@@ -246,7 +247,7 @@ def test_the_shipped_recipe_has_attention_everywhere_but_at_32_by_32(tmp_path: P
 
 def test_the_default_recipe_is_the_one_the_shipped_teacher_recorded():
     # train_demo_teacher.py with no settings reproduces the shipped weights' recipe.
-    shipped = Path(teacher.__file__).resolve().parents[1] / "assets" / "demo" / "recipe.json"
+    shipped = Path(__file__).resolve().parents[2] / "deltaconv_cli" / "assets" / "demo" / "recipe.json"
     assert TeacherRecipe.read(shipped) == TeacherRecipe()
 
 
@@ -322,12 +323,12 @@ def test_a_broken_recipe_json_in_a_work_folder_is_refused_in_one_line(tmp_path: 
     assert sorted(p.name for p in work.iterdir()) == ["recipe.json"] and not (tmp_path / "out").exists()
 
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SCRIPTS = Path(__file__).resolve().parents[1]  # demo_teacher/
 
 
 def test_evaluate_demo_teacher_grids_every_caption_when_given_fewer_than_sixteen(tmp_path: Path):
     grid, results = tmp_path / "grid.png", tmp_path / "quality.json"
-    command = [sys.executable, str(RECIPES / "evaluate_demo_teacher.py"), "--count", "3", "--steps", "1",
+    command = [sys.executable, str(SCRIPTS / "evaluate_demo_teacher.py"), "--count", "3", "--steps", "1",
                "--grid", str(grid), "--json", str(results)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -412,7 +413,7 @@ def test_evaluate_demo_teacher_grids_every_caption_when_given_fewer_than_sixteen
 )
 def test_recipe_scripts_end_a_user_mistake_with_one_line_and_exit_1(tmp_path, script, arguments, message):
     (tmp_path / "recipe.json").write_text(json.dumps(asdict(TeacherRecipe())))
-    command = [sys.executable, str(RECIPES / script), *(a.format(tmp=tmp_path) for a in arguments)]
+    command = [sys.executable, str(SCRIPTS / script), *(a.format(tmp=tmp_path) for a in arguments)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert (done.returncode, done.stderr, done.stdout) == (1, message.format(tmp=tmp_path) + "\n", "")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.json"]
@@ -433,7 +434,7 @@ def test_recipe_scripts_end_a_user_mistake_with_one_line_and_exit_1(tmp_path, sc
 )
 def test_recipe_scripts_that_need_a_whole_pipeline_refuse_a_bare_denoiser_in_one_line(tmp_path, script, why):
     tiny_denoiser("sd1").save_pretrained(tmp_path / "unet")
-    command = [sys.executable, str(RECIPES / script), "--pipeline", str(tmp_path / "unet")]
+    command = [sys.executable, str(SCRIPTS / script), "--pipeline", str(tmp_path / "unet")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == f"{script}: {tmp_path / 'unet'} is a bare denoiser; {why}\n"

@@ -1,11 +1,11 @@
 """Train the embedded demo teacher and its feature extractor (75 to 105 minutes on a 2-core CPU, by the day).
 
-    python recipes/train_demo_teacher.py [--out deltaconv_cli/assets/demo] [--work DIR] [--seed 1]
+    python demo_teacher/train_demo_teacher.py [--out deltaconv_cli/assets/demo] [--work DIR] [--seed 1]
         [--set KEY=VALUE ...]
 
 The defaults are the shipped teacher's (v5). --set changes any setting of TeacherRecipe
-(deltaconv_cli/demo/teacher.py); teacher v4 is --steps 5700 --set mixed_precision=no, and teacher v2,
-recipe 6 of BENCHMARKS.md, is --seed 0 --steps 2100 --set vae_steps=800 --set mirror_class=false
+(demo_teacher/teacher.py); teacher v4 is --steps 5700 --set mixed_precision=no, and teacher v2,
+recipe 6 of demo_teacher/HISTORY.md, is --seed 0 --steps 2100 --set vae_steps=800 --set mirror_class=false
 --set full_resolution_attention=true --set 'kind_shares=[]' --set mixed_precision=no.
 
 Reproducible from the seed. Finished stages (data, VAE, latents, denoiser checkpoints every 300
@@ -22,8 +22,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deltaconv_cli.demo.teacher import TeacherRecipe, train_teacher
-from deltaconv_cli.recipes.recipe_cli import run
+from deltaconv_cli.errors import run_script
+from teacher import TeacherRecipe, train_teacher
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "deltaconv_cli" / "assets" / "demo"
 
@@ -68,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

@@ -1,6 +1,6 @@
 """Does a trained teacher learn placement once the noisiest steps weigh more? (minutes, not the long run)
 
-    python recipes/probe_placement_finetune.py --pipeline PATH [--steps 200] [--t-min 700]
+    python demo_teacher/probe_placement_finetune.py --pipeline PATH [--steps 200] [--t-min 700]
                                                [--out FOLDER] [--json FILE]
 
 Fine-tunes the UNet of a trained demo pipeline (its text encoder frozen) for ``--steps`` steps at
@@ -8,7 +8,7 @@ timesteps drawn from [``--t-min``, 999], with the loss on the predicted clean la
 noise. The teacher's own loss (epsilon, min-SNR weighted) gives a near-noise step's layout error a weight
 of about alpha_t / (1 - alpha_t), 0.005 at t = 999: the caption's position can barely move it. The script
 reports ``quality.position_reliance`` (moved / own x0 error) before and after; ``--out`` writes the
-fine-tuned pipeline for ``recipes/evaluate_demo_teacher.py``. Run it alone: two PyTorch processes on two
+fine-tuned pipeline for ``demo_teacher/evaluate_demo_teacher.py``. Run it alone: two PyTorch processes on two
 cores slow each other down many times over.
 """
 
@@ -24,10 +24,10 @@ from diffusers import DDPMScheduler
 
 from deltaconv_cli.cli import write_json
 from deltaconv_cli.conditioning import latent_posterior
-from deltaconv_cli.demo.quality import clean_latents, position_reliance
-from deltaconv_cli.demo.teacher import render_dataset, to_tensor, token_ids
+from deltaconv_cli.demo.quality import clean_latents, position_reliance, to_tensor
+from deltaconv_cli.errors import run_script
 from deltaconv_cli.loading import load_model, locate_pipeline
-from deltaconv_cli.recipes.recipe_cli import run
+from teacher import render_dataset, token_ids
 
 
 def main() -> None:
@@ -95,4 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

@@ -1,6 +1,6 @@
 """Where along the sampling trajectory the demo teacher loses its captions' facts.
 
-    python recipes/adherence_from_noised_scenes.py [--pipeline demo] [--count 100] \\
+    python demo_teacher/adherence_from_noised_scenes.py [--pipeline demo] [--count 100] \\
         [--strength 0.3 0.5 0.7 0.85 0.95] [--json FILE]
 
 Each held-out caption's real scene is encoded by the pipeline's VAE, noised part of the way up the schedule
@@ -31,10 +31,10 @@ from deltaconv_cli.demo.quality import (
     held_out_captions,
     real_images,
 )
-from deltaconv_cli.demo.teacher import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
+from deltaconv_cli.demo.recommended import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS
+from deltaconv_cli.errors import run_script
 from deltaconv_cli.imaging import to_uint8
 from deltaconv_cli.loading import load_model, locate_pipeline
-from deltaconv_cli.recipes.recipe_cli import run
 
 BATCH = 8
 
@@ -86,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

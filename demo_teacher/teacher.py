@@ -1,4 +1,5 @@
-"""The embedded teacher: a small Stable-Diffusion pipeline trained from scratch on the demo domain.
+"""The embedded demo teacher's training: a small Stable-Diffusion pipeline trained from scratch on the demo
+domain (research, not installed: demo_teacher/REPORT.md says what was tried and what shipped).
 
 Architecture (a genuine ``StableDiffusionPipeline``): a CLIP tokenizer over the domain's words, a
 2-layer CLIP text encoder, an ``AutoencoderKL`` (64 x 64 RGB <-> 32 x 32 x 4 latents) and a
@@ -38,20 +39,17 @@ from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..errors import DeltaConvError
-from ..progress import advance, progress_bar
-from . import domain
-from .extractor import train_extractor
-from .text import build_clip_tokenizer
+from deltaconv_cli.demo import domain
+from deltaconv_cli.demo.extractor import train_extractor
+from deltaconv_cli.demo.quality import to_tensor
+from deltaconv_cli.demo.text import build_clip_tokenizer
+from deltaconv_cli.errors import DeltaConvError
+from deltaconv_cli.files import atomic_path, load_optimizer_tensors, optimizer_tensors
+from deltaconv_cli.progress import advance, progress_bar
 
 TEXT_LENGTH = 24  # tokens; the longest caption has 17 with BOS/EOS
 NORM_GROUPS = 16  # of the UNet's group norms
 TEXT_HEADS = 2  # of the text encoder's attention layers
-RECOMMENDED_STEPS = 20
-RECOMMENDED_GUIDANCE = 2.0  # the best of 1.5, 2 and 3 on held-out captions (BENCHMARKS.md, section 1)
-# The first 20 % of the steps unguided: there the layout is decided, and guidance adds objects (BENCHMARKS.md,
-# section 1: adherence 0.78 against 0.72 with guidance at every step, and a smaller Fréchet distance).
-RECOMMENDED_GUIDANCE_START = 0.2
 # SD's scaled-linear betas, rescaled to zero SNR at t = 999 and predicting v (see train_denoiser for why).
 NOISE_SCHEDULE = {
     "beta_start": 0.00085,
@@ -122,7 +120,7 @@ class TeacherRecipe:
     # Self- and cross-attention in the 8 x 8 level's down and up blocks too, not only in its middle block:
     # the number of objects and a mirrored pair's row are decided over the whole image, in the first steps.
     lowest_resolution_attention: bool = False
-    # v5 trained in bf16 (recipe 19 in BENCHMARKS.md); a step takes about as long as in float32 there.
+    # v5 trained in bf16 (recipe 19 in demo_teacher/HISTORY.md); a step takes as long as in float32 there.
     mixed_precision: str = "bf16"
     text_width: int = 96
 
@@ -265,22 +263,14 @@ def build_components(recipe: TeacherRecipe, scratch: Path) -> dict[str, Any]:
     }
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` images as float ``(N, 3, H, W)`` in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 def render_dataset(seed: int, count: int) -> tuple[np.ndarray, list[str]]:
     scenes = [domain.make_scene(seed, i) for i in range(count)]
     return np.stack([domain.render(s) for s in scenes]), [s.caption for s in scenes]
 
 
 def _save_atomic(component: Any, target: Path) -> None:
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    component.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    with atomic_path(target) as staging:
+        component.save_pretrained(staging)
 
 
 def train_vae(vae: AutoencoderKL, images: np.ndarray, recipe: TeacherRecipe, progress: Progress) -> None:
@@ -294,7 +284,7 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, recipe: TeacherRecipe, pro
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         # Objects cover a small share of the pixels: weighted like the background, the VAE learns their
-        # colours late and decodes blue partly cyan (BENCHMARKS.md, section 1).
+        # colours late and decodes blue partly cyan (demo_teacher/HISTORY.md).
         saturated = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) > 0.4
         weight = 1 + (recipe.vae_object_weight - 1) * saturated.float()
         error = recon - x
@@ -329,7 +319,7 @@ IGNORE = -100  # cross-entropy's ignore index: a caption with one object phrase 
 NO_CELL = domain.GRID * domain.GRID  # the cell class of phrases that name none (count, mirror)
 # With ``mirror_class``, the cell class of mirror phrases (the outer cells of one row). Without it a mirror
 # phrase ("two red squares mirrored") and a two-object count phrase ("two red squares") state the same
-# facts, nothing asks the encoder to keep them apart, and the UNet draws both alike (BENCHMARKS.md).
+# facts, nothing asks the encoder to keep them apart, and the UNet draws both alike (demo_teacher/HISTORY.md).
 MIRRORED = NO_CELL + 1
 
 
@@ -531,22 +521,16 @@ def _scene_weights(captions: list[str], kind_shares: tuple[float, ...]) -> torch
 
 
 def _save_denoiser_checkpoint(folder: Path, step: int, params: list, ema: EMAModel, optimizer: Any) -> None:
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    state = optimizer.state_dict()
-    tensors = {f"param.{i}": p.detach() for i, p in enumerate(params)}
-    tensors |= {f"ema.{i}": p for i, p in enumerate(ema.shadow_params)}
-    tensors |= {f"opt.{i}.{k}": v for i, entry in state["state"].items() for k, v in entry.items()}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, staging / "state.safetensors")
-    meta = {
-        "step": step,
-        "ema_optimization_step": ema.optimization_step,
-        "param_groups": state["param_groups"],
-    }
-    (staging / "state.json").write_text(json.dumps(meta))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    with atomic_path(folder) as staging:
+        staging.mkdir(parents=True)
+        opt_tensors, param_groups = optimizer_tensors(optimizer, prefix="opt.")
+        tensors = {f"param.{i}": p.detach() for i, p in enumerate(params)}
+        tensors |= {f"ema.{i}": p for i, p in enumerate(ema.shadow_params)}
+        save_file(
+            {k: v.contiguous() for k, v in (tensors | opt_tensors).items()}, staging / "state.safetensors"
+        )
+        meta = {"step": step, "ema_optimization_step": ema.optimization_step, "param_groups": param_groups}
+        (staging / "state.json").write_text(json.dumps(meta))
 
 
 def _load_denoiser_checkpoint(folder: Path, params: list, ema: EMAModel, optimizer: Any) -> int:
@@ -557,12 +541,7 @@ def _load_denoiser_checkpoint(folder: Path, params: list, ema: EMAModel, optimiz
             p.copy_(tensors[f"param.{i}"])
     ema.shadow_params = [tensors[f"ema.{i}"] for i in range(len(params))]
     ema.optimization_step = meta["ema_optimization_step"]
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, index, name = key.split(".", 2)
-            opt_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    load_optimizer_tensors(optimizer, tensors, meta["param_groups"], prefix="opt.")
     return int(meta["step"])
 
 

@@ -1,7 +1,7 @@
 """The cheap placement probe for the demo teacher's text path (minutes, not the teacher's long run).
 
-    python recipes/probe_text_placement.py [--steps 200] [--variants oracle colour-shape clip2 ...]
-                                           [--json docs/text-placement-probe.json]
+    python demo_teacher/probe_text_placement.py [--steps 200] [--variants oracle colour-shape clip2 ...]
+                                           [--json demo_teacher/results/text-placement-probe.json]
 
 Each variant trains a fresh UNet of the teacher's architecture, with its own context path, for
 ``--steps`` steps at t = 999 only, on single-object scenes encoded by the shipped VAE, to predict the
@@ -50,17 +50,10 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from deltaconv_cli.cli import write_json
 from deltaconv_cli.conditioning import latent_posterior
 from deltaconv_cli.demo import domain
-from deltaconv_cli.demo.quality import HELD_OUT_SEED, clean_latents
-from deltaconv_cli.demo.teacher import (
-    TEXT_LENGTH,
-    TeacherRecipe,
-    build_components,
-    render_dataset,
-    to_tensor,
-    token_ids,
-)
+from deltaconv_cli.demo.quality import HELD_OUT_SEED, clean_latents, to_tensor
+from deltaconv_cli.errors import run_script
 from deltaconv_cli.loading import load_model, locate_model
-from deltaconv_cli.recipes.recipe_cli import run
+from teacher import TEXT_LENGTH, TeacherRecipe, build_components, render_dataset, token_ids
 
 VARIANTS = ("oracle", "colour-shape", "clip2", "clip2-aux", "clip2-aux-frozen", "clip4")
 DEFAULT_VARIANTS = ("oracle", "colour-shape", "clip2", "clip2-aux")
@@ -239,4 +232,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)
