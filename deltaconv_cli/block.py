@@ -6,22 +6,17 @@ It takes the place of a self-attention layer. Input and output are channels-last
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import backend as backends
+from .backend import BACKENDS
+
 GATES = ("scaled", "sigmoid")
-BACKENDS = ("auto", "torch", "triton")
-BACKEND_ENV = "DELTACONV_BACKEND"  # forces "torch" or "triton" for every block left at "auto"
-
-
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def scale_grid_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -41,9 +36,10 @@ class DeltaConvBlock(nn.Module):
         inter_ratio: C' / C, the width of the convolution branches.
         gate: ``"scaled"`` (a * g * sqrt(C'/2), the paper's scaled simple gate) or ``"sigmoid"``
             (a * sigmoid(g), the official PixArt variant).
-        backend: ``"auto"`` (Triton kernels on CUDA when Triton is installed, PyTorch otherwise, unless
-            the DELTACONV_BACKEND environment variable says "torch" or "triton"), ``"torch"`` or
-            ``"triton"``. Both compute the same function with the same parameters.
+        backend: ``"auto"`` (Triton kernels on CUDA when Triton is installed and they pass their
+            self-check, PyTorch otherwise, unless the DELTACONV_BACKEND environment variable says "torch"
+            or "triton"), ``"torch"`` or ``"triton"`` (the kernels, a failed self-check an error). Both
+            compute the same function with the same parameters.
     """
 
     def __init__(
@@ -92,13 +88,10 @@ class DeltaConvBlock(nn.Module):
         return a * torch.sigmoid(g)
 
     def uses_triton(self, x: torch.Tensor) -> bool:
-        """Whether this call runs the Triton kernels (see ``backend``)."""
-        choice = self.backend if self.backend != "auto" else os.environ.get(BACKEND_ENV, "auto")
-        if choice not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {choice!r}")
-        if choice == "triton" and not triton_available():
-            raise RuntimeError("the Triton backend was asked for, but triton is not installed")
-        return choice == "triton" or (choice == "auto" and x.is_cuda and triton_available())
+        """Whether this call runs the Triton kernels (see ``backend``): the first call of each kind checks
+        them against PyTorch, and a failure falls back to PyTorch with a warning, or is an error where
+        Triton was forced (:mod:`deltaconv_cli.backend`)."""
+        return backends.uses_triton(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix a ``(B, H, W, C)`` grid; returns the same shape."""

@@ -209,6 +209,20 @@ def export(
         show(reports.export_report(report))
 
 
+@app.command("env")
+@user_errors
+def env_command(json_out: JsonOption = None) -> None:
+    """Versions, devices, which path the blocks take and the Triton kernels' self-check: for bug reports."""
+    from .environment import collect_environment
+
+    report = collect_environment()
+    write_json(json_out, report)
+    if str(json_out) != "-":
+        from . import reports  # imports torch: only once a command runs
+
+        show(reports.env_report(report))
+
+
 @app.command("inspect")
 @user_errors
 def inspect_command(

@@ -167,7 +167,9 @@ def _inspect_convfusion(path: Path) -> WeightsInspection:
         report.base_model = released_base(family, path.name)
         if report.base_model is None:
             report.notes.append(PIXART_1024_NOTE)
-    if report.scales is None and report.gates == len(AUTHORS_SCALES):
+    if report.gates == 0:
+        report.notes.append("its blocks have no gates (gates.{i}.conv_spatial.weight): convert refuses them")
+    elif report.scales is None and report.gates == len(AUTHORS_SCALES):
         report.scales = list(AUTHORS_SCALES)
     elif report.scales is None and report.gates is not None:
         report.notes.append(f"{report.gates} gates per block and no recorded scales: convert needs --scales, "

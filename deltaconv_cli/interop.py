@@ -458,6 +458,12 @@ def linfusion_modules(path: Path) -> list[dict[str, Any]]:
             "model again (its current config lists each module as an object with module_name and dim_n)"
         )
     for entry in modules:
+        for name, kind, what in (("module_name", str, "a module path"), ("dim_n", int, "a whole number"),
+                                 ("heads", int, "a whole number")):  # fmt: skip
+            if not isinstance(entry.get(name), kind) or isinstance(entry.get(name), bool):
+                raise DeltaConvError(
+                    f"{path}/config.json: a modules_list entry has {name} {entry.get(name)!r}, not {what}"
+                )
         width = entry.get("projection_mid_dim")
         if width is not None and (isinstance(width, bool) or not isinstance(width, int)
                                   or (width < 1 and width != NO_FEATURE_MLP)):  # fmt: skip

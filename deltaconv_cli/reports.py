@@ -348,3 +348,30 @@ def inspect_report(report: Any) -> Rendered:
         ("size", lambda group: human_bytes(group.bytes)),
     ]
     return [layout, table("tensors by module", columns, report.groups, left=2), *report.notes]
+
+
+def env_report(report: dict[str, Any]) -> Rendered:
+    """``env``: one line a fact, as a bug report quotes it."""
+    blocks = report["blocks"]
+    lines = [
+        f"python {report['python']} on {report['platform']}",
+        *(f"{package}: {version}" for package, version in report["packages"].items()),
+        f"CUDA (torch build): {report['cuda'] or 'none'}",
+        *(
+            f"{d['device']}: {d['name']}, {d['memory_gib']} GiB"
+            + (f", {d['cores']} cores" if "cores" in d else f", compute capability {d['capability']}")
+            for d in report["devices"]
+        ),
+        f"blocks: {blocks['path']} on {blocks['device']} (backend {blocks['requested']}"
+        + (f", {blocks['variable']!r} from DELTACONV_BACKEND" if blocks["variable"] else "")
+        + ")",
+    ]
+    if blocks["problem"]:
+        lines.append(f"blocks: {blocks['problem']}")
+    if "self_check" in blocks:
+        lines.append(f"Triton self-check: {blocks['self_check']}")
+    for check in report["self_checks"]:
+        lines.append(f"Triton self-check ({check['check']}): {'passed' if check['passed'] else 'FAILED'}, "
+                     f"{check['detail']}")  # fmt: skip
+    lines.append("SDPA: " + ", ".join(f"{name} {state}" for name, state in report["sdpa"].items()))
+    return lines

@@ -488,6 +488,11 @@ def test_bad_linfusion_folders_are_one_clear_line(saved_pipelines, tmp_path):
         with pytest.raises(DeltaConvError, match=message):
             read_weights(tmp_path / "lf", denoiser)
     config["modules_list"][0]["projection_mid_dim"] = None
+    broken = json.loads(json.dumps(config))
+    del broken["modules_list"][0]["heads"]
+    (tmp_path / "lf" / "config.json").write_text(json.dumps(broken))
+    with pytest.raises(DeltaConvError, match="a modules_list entry has heads None, not a whole number"):
+        read_weights(tmp_path / "lf", denoiser)
     # An early LinFusion-2-1 config: class StableMamba, entries as [module_name, dim_n, heads].
     early = {
         "_class_name": "StableMamba",

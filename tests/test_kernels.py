@@ -10,7 +10,8 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from deltaconv_cli import kernels  # noqa: E402
-from deltaconv_cli.block import BACKEND_ENV, DeltaConvBlock  # noqa: E402
+from deltaconv_cli.backend import BACKEND_ENV  # noqa: E402
+from deltaconv_cli.block import DeltaConvBlock  # noqa: E402
 
 ops = torch.ops.deltaconv
 
