@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backend as backends
-from .backend import BACKENDS
 
 GATES = ("scaled", "sigmoid")
 
@@ -54,8 +53,8 @@ class DeltaConvBlock(nn.Module):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(backends.BACKENDS)}, got {backend!r}")
         if gate not in GATES:
             raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
         scales = tuple(float(s) for s in scales)

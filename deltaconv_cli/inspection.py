@@ -8,7 +8,6 @@ data is read, so a multi-GB file is inspected at once.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -19,19 +18,16 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
 from .errors import DeltaConvError
 from .interop import (
-    AUTHORS_SCALES,
-    BASE_METADATA,
     CONVFUSION_KEY,
     CONVFUSION_PARTS,
     EMA_COPY,
     MODEL_COPY,
     NESTING_SEPARATOR,
-    PIXART_1024_NOTE,
-    SCALES_METADATA,
+    convfusion_base_model,
+    convfusion_scales,
     key_groups,
     linfusion_modules,
     locate_weights,
-    released_base,
     safetensors_header,
     weights_format,
 )
@@ -150,30 +146,24 @@ def _inspect_convfusion(path: Path) -> WeightsInspection:
                 for p in blocks.values()
                 if "gates.0.conv_spatial.weight" in p
             }
-        ),  # fmt: skip
+        ),
         gates=next(iter(gate_counts)) if len(gate_counts) == 1 else None,
         dtypes=dict(Counter(dtype for dtype, _ in header.values())),
         key_nesting=groups,
         tensors=len(header),
         bytes=sum(_size(entry) for entry in header.values()),
     )
-    if SCALES_METADATA in metadata:  # written by deltaconv export
-        try:
-            report.scales = [float(s) for s in json.loads(metadata[SCALES_METADATA])]
-        except (ValueError, TypeError):
-            report.notes.append(f"its {SCALES_METADATA} metadata is damaged: convert needs --scales")
-        report.base_model = metadata.get(BASE_METADATA)
-    elif family is not None:
-        report.base_model = released_base(family, path.name)
-        if report.base_model is None:
-            report.notes.append(PIXART_1024_NOTE)
+    if family is not None:
+        report.base_model, note = convfusion_base_model(metadata, family, path.name)
+        if report.base_model is None and note:  # the pixart1024 students: their configs disagree
+            report.notes.append(note)
     if report.gates == 0:
         report.notes.append("its blocks have no gates (gates.{i}.conv_spatial.weight): convert refuses them")
-    elif report.scales is None and report.gates == len(AUTHORS_SCALES):
-        report.scales = list(AUTHORS_SCALES)
-    elif report.scales is None and report.gates is not None:
-        report.notes.append(f"{report.gates} gates per block and no recorded scales: convert needs --scales, "
-                            "e.g. --scales 1,1/2,1/3 for three (the authors' README example)")  # fmt: skip
+    elif report.gates is not None:
+        try:  # the rule convert follows, and its one line where the file does not say
+            report.scales = list(convfusion_scales(path.name, report.gates, None, metadata)[0])
+        except DeltaConvError as err:
+            report.notes.append(str(err))
     if len(gate_counts) > 1:
         report.notes.append("its blocks differ in their number of gates: convert refuses such a file")
     if groups and read == EMA_COPY:

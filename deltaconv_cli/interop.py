@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,18 @@ def released_base(family: str, file_name: str) -> str | None:
     return FAMILIES[family].released_base
 
 
+def convfusion_base_model(
+    metadata: dict[str, str], family: str, file_name: str
+) -> tuple[str | None, str | None]:
+    """The model a ConvFusion file's blocks were made for and the note reports show: what our export
+    recorded in its metadata, else the authors' base model of ``family``."""
+    if SCALES_METADATA in metadata:  # written by deltaconv export, which records the base model beside
+        base = metadata.get(BASE_METADATA)
+        return base, base_model_note(base)
+    base = released_base(family, file_name)
+    return base, base_model_note(base) or (PIXART_1024_NOTE if family == "pixart" else None)
+
+
 def base_model_note(base: str | None) -> str | None:
     """ "made for BASE", with what users should know about that model."""
     if base is None:
@@ -149,14 +162,20 @@ def weights_format(path: Path) -> str:
     raise DeltaConvError(f"{config} is neither a LinFusion nor a deltaconv adapter config")
 
 
-def _read_safetensors(path: Path, group: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of ``path`` (only those nested under ``group``, without its prefix) and its metadata."""
-    prefix = "" if group is None else group + NESTING_SEPARATOR
+def _read_safetensors(
+    path: Path, choose_group: Callable[[list[str]], str | None] = lambda keys: None
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None]:
+    """The tensors of ``path``, its metadata, and the group read: ``choose_group(keys)`` names the nested
+    group whose tensors are read, without its prefix (None: every tensor)."""
     try:
         with safe_open(str(path), framework="pt") as file:
-            tensors = {key.removeprefix(prefix): file.get_tensor(key)
-                       for key in file.keys() if key.startswith(prefix)}  # noqa: SIM118 - safe_open API # fmt: skip
-            return tensors, file.metadata() or {}
+            keys = list(file.keys())  # noqa: SIM118 - safe_open is not a mapping
+            group = choose_group(keys)
+            prefix = "" if group is None else group + NESTING_SEPARATOR
+            tensors = {
+                key.removeprefix(prefix): file.get_tensor(key) for key in keys if key.startswith(prefix)
+            }
+            return tensors, file.metadata() or {}, group
     except (SafetensorError, OSError) as err:
         raise DeltaConvError(f"cannot read {path}: {first_line(err)}") from None
 
@@ -286,10 +305,11 @@ def read_weights(
     return _read_convfusion(path, denoiser, ema, scales)
 
 
-def _convfusion_scales(
+def convfusion_scales(
     file: str, count: int, given: tuple[float, ...] | None, metadata: dict[str, str]
 ) -> tuple[tuple[float, ...], str]:
-    """The blocks' scales and where they came from: given, recorded by our export, or the authors' two."""
+    """The blocks' scales and where they came from: given, recorded by our export, or the authors' two; one
+    line naming ``--scales`` where none of these says."""
     if given is not None:
         if len(given) != count:
             raise DeltaConvError(
@@ -318,9 +338,9 @@ def _convfusion_scales(
 def _read_convfusion(
     path: Path, denoiser: Any, ema: bool = False, given_scales: tuple[float, ...] | None = None
 ) -> ImportedWeights:
-    header, _ = safetensors_header(path)
-    nesting = _chosen_copy(key_groups(list(header), path.name), path.name, ema)
-    tensors, metadata = _read_safetensors(path, nesting)
+    tensors, metadata, nesting = _read_safetensors(
+        path, lambda keys: _chosen_copy(key_groups(keys, path.name), path.name, ema)
+    )
     family = family_for(denoiser)
     sites = {s.name: s for s in find_self_attention_sites(denoiser)}
     blocks: dict[str, dict[str, torch.Tensor]] = {}
@@ -345,13 +365,8 @@ def _read_convfusion(
     ratios = {inner / sites[name].channels for name, (_, inner, _) in zip(targets, shapes, strict=True)}
     if len(scales) > 1 or len(ratios) > 1:
         raise DeltaConvError(f"{path.name}: its blocks differ in the number of scales or in C'/C")
-    block_scales, scales_from = _convfusion_scales(path.name, scales.pop(), given_scales, metadata)
-    if SCALES_METADATA in metadata:  # written by deltaconv export, which records the base model beside
-        base = metadata.get(BASE_METADATA)
-        note = base_model_note(base)
-    else:
-        base = released_base(family.name, path.name)
-        note = base_model_note(base) or (PIXART_1024_NOTE if family.name == "pixart" else None)
+    block_scales, scales_from = convfusion_scales(path.name, scales.pop(), given_scales, metadata)
+    base, note = convfusion_base_model(metadata, family.name, path.name)
     adapter = DeltaConvAdapter(
         targets=targets,
         channels=[sites[name].channels for name in targets],
@@ -503,7 +518,7 @@ def _read_linfusion(path: Path, denoiser: Any) -> ImportedWeights:
                 f"LinFusion module {name} has dim_n {entry.get('dim_n')} and {entry.get('heads')} heads, the "
                 f"base model {site.channels} channels and {site.heads} heads: they do not match"
             )
-    tensors, _ = _read_safetensors(weights)
+    tensors, _, _ = _read_safetensors(weights)
     adapter = DeltaConvAdapter(
         targets=[m["module_name"] for m in modules],
         channels=[m["dim_n"] for m in modules],

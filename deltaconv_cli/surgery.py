@@ -314,10 +314,10 @@ class DeltaConvAdapter(ModelMixin, ConfigMixin):
         for name in ("channels", *kind.per_site):
             if per_site[name] is None or len(per_site[name]) != len(targets):
                 raise ValueError(f"{mixer} blocks need one of {name} per target ({len(targets)})")
-        for name in ("projection_mid_dims",):
-            if per_site[name] is not None and (name not in kind.optional_per_site
-                                               or len(per_site[name]) != len(targets)):  # fmt: skip
-                raise ValueError(f"{name} needs {mixer} blocks that take it, one per target ({len(targets)})")
+        if projection_mid_dims is not None and (
+            "projection_mid_dims" not in kind.optional_per_site or len(projection_mid_dims) != len(targets)
+        ):
+            raise ValueError(f"projection_mid_dims needs {mixer} blocks that take it, one per target")
         options = {"scales": scales, "inter_ratio": inter_ratio, "gate": gate}
         unused = [None] * len(targets)
         blocks = [
